@@ -1,0 +1,91 @@
+"""torch → ONNX for the two graphs, with dynamic axes and external data for large weights.
+
+Uses torch's TorchScript-based exporter (`dynamo=False`): for these plain tensor programs it yields a flat graph of
+standard ops (no If/Loop, no custom functions) that onnxruntime and TensorRT's ONNX parser both take, and it exports
+a 7B decoder without the memory overhead of torch.export's FX tracing.
+"""
+from __future__ import annotations
+
+import shutil
+import warnings
+from pathlib import Path
+
+import onnx
+import torch
+
+from runtime.manifest import GraphSpec, TensorSpec
+
+from .graphs import DecoderGraph, VisionGraph, decoder_io_names
+
+OPSET = 17  # LayerNormalization is native from 17; TensorRT 10 parses opsets 9–20+
+EXTERNAL_DATA_THRESHOLD = 1 << 30  # beyond ~1 GB of weights the graph keeps them in one `.data` file (2 GB cap)
+_NP = {torch.float32: "float32", torch.float16: "float16", torch.int64: "int64"}
+
+
+def _export(module: torch.nn.Module, args: tuple, path: Path, inputs: list[str], outputs: list[str],
+            dynamic_axes: dict[str, dict[int, str]]) -> None:
+    # Export into a scratch folder: above 2 GB torch writes one file per tensor, which we then gather.
+    scratch = path.parent / f".{path.stem}.scratch"
+    scratch.mkdir()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # TorchScript-exporter deprecation, tracer shape-arithmetic notes
+            torch.onnx.export(module, args, str(scratch / path.name), input_names=inputs, output_names=outputs,
+                              dynamic_axes=dynamic_axes, opset_version=OPSET, do_constant_folding=True,
+                              dynamo=False)
+        model = onnx.load(str(scratch / path.name), load_external_data=True)
+        size = sum(t.ByteSize() for t in model.graph.initializer)
+        if size < EXTERNAL_DATA_THRESHOLD:
+            onnx.save_model(model, str(path))
+        else:  # one `<graph>.data` file beside the graph
+            onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                            location=path.name + ".data", size_threshold=1024)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def graph_spec(path: Path, dynamic_ranges: dict[str, tuple[int, int]]) -> GraphSpec:
+    """Describe a written graph from the file itself (names, dtypes, symbolic dims)."""
+    model = onnx.load(str(path), load_external_data=False)
+
+    def specs(values) -> tuple[TensorSpec, ...]:
+        out = []
+        for v in values:
+            t = v.type.tensor_type
+            dtype = onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name
+            shape = tuple(d.dim_param if d.dim_param else int(d.dim_value) for d in t.shape.dim)
+            out.append(TensorSpec(name=v.name, dtype=dtype, shape=shape))
+        return tuple(out)
+
+    ext = path.name + ".data"
+    return GraphSpec(file=path.name, inputs=specs(model.graph.input), outputs=specs(model.graph.output),
+                     dynamic_ranges=dynamic_ranges,
+                     external_data=(ext,) if (path.parent / ext).exists() else ())
+
+
+def export_vision(graph: VisionGraph, path: Path, crop_size: int, max_batch: int) -> GraphSpec:
+    dummy = torch.randn(2, 3, crop_size, crop_size)
+    _export(graph, (dummy,), path, ["pixel_values"], ["image_embeds"],
+            {"pixel_values": {0: "batch"}, "image_embeds": {0: "batch"}})
+    return graph_spec(path, {"batch": (1, max_batch)})
+
+
+def export_decoder(graph: DecoderGraph, path: Path, dtype: torch.dtype, hidden: int, kv_heads: int,
+                   head_dim: int, num_layers: int, max_batch: int, max_seq: int, max_context: int) -> GraphSpec:
+    # Trace at batch 2, 3 new tokens, 5 past tokens; every one of those axes is dynamic.
+    b, s, p = 2, 3, 5
+    args = [torch.randn(b, s, hidden, dtype=dtype), torch.ones(b, p + s, dtype=torch.int64),
+            torch.arange(p, p + s).expand(b, s).contiguous()]
+    args += [torch.randn(b, kv_heads, p, head_dim, dtype=dtype) for _ in range(2 * num_layers)]
+    inputs, outputs = decoder_io_names(num_layers)
+    axes: dict[str, dict[int, str]] = {
+        "inputs_embeds": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "total"},
+        "position_ids": {0: "batch", 1: "seq"}, "logits": {0: "batch", 1: "logit_positions"},
+    }
+    for name in inputs[3:]:
+        axes[name] = {0: "batch", 2: "past"}
+    for name in outputs[1:]:
+        axes[name] = {0: "batch", 2: "total"}
+    _export(graph, tuple(args), path, inputs, outputs, axes)
+    return graph_spec(path, {"batch": (1, max_batch), "seq": (1, max_seq), "past": (0, max_context),
+                             "total": (1, max_context + max_seq)})

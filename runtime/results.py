@@ -1,0 +1,49 @@
+"""Per-person results: keypoints back-projected to the image, LocLLM instance score, COCO result entries."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .answer import KeypointAnswer
+from .preprocess import crop_to_image
+
+
+@dataclass(frozen=True)
+class PersonResult:
+    box: tuple[float, float, float, float]  # the box as given (x, y, w, h)
+    names: tuple[str, ...]
+    keypoints: np.ndarray  # [K, 3] x, y (image pixels), score
+    score: float  # instance score = mean keypoint score (LocLLM)
+    answers: tuple[str, ...]  # decoded answer text per keypoint
+    flags: tuple[str, ...]  # "" per well-formed answer, else why not
+    tokens: tuple[tuple[int, ...], ...] = field(default=(), repr=False)  # generated ids per keypoint
+
+    def to_json(self) -> dict:
+        return {
+            "box": [float(v) for v in self.box],
+            "keypoint_names": list(self.names),
+            "keypoints": [[float(x), float(y), float(s)] for x, y, s in self.keypoints],
+            "score": float(self.score),
+            "answers": list(self.answers),
+            "flags": list(self.flags),
+        }
+
+    def to_coco(self, image_id: int) -> dict:
+        return {"image_id": int(image_id), "category_id": 1,
+                "keypoints": [float(v) for v in self.keypoints.reshape(-1)], "score": float(self.score)}
+
+
+def person_result(box, center: np.ndarray, scale: np.ndarray, crop_size: int, names: list[str] | tuple[str, ...],
+                  answers: list[KeypointAnswer], tokens: list[list[int]] | None = None) -> PersonResult:
+    """Back-project every keypoint (absent ones too, from crop (0,0), exactly as LocLLM does)."""
+    kpts = np.zeros((len(answers), 3), dtype=np.float64)
+    kpts[:, 0] = [a.x for a in answers]
+    kpts[:, 1] = [a.y for a in answers]
+    kpts[:, 2] = [a.score for a in answers]
+    kpts[:, :2] = crop_to_image(kpts[:, :2], center, scale, crop_size)
+    return PersonResult(
+        box=tuple(float(v) for v in box), names=tuple(names), keypoints=kpts, score=float(kpts[:, 2].mean()),
+        answers=tuple(a.text for a in answers), flags=tuple(a.flag for a in answers),
+        tokens=tuple(tuple(int(t) for t in ids) for ids in (tokens or [])),
+    )
