@@ -99,8 +99,10 @@ def export_bundle(cfg: ExportConfig, log=print) -> ExportResult:
         raise InputError(f"tokenizer's <im_patch> id {tok.special.image} is outside the model vocab "
                          f"({model.cfg.llm.vocab_size})")
     prompts = _prompts(tok, model.cfg.num_patches)
-    longest = max(len(k.suffix_ids) for k in prompts.keypoints) + 13
-    max_context = max(cfg.max_context, len(prompts.prefix_ids) + model.cfg.num_patches + longest)
+    prefix_len = len(prompts.prefix_ids) + model.cfg.num_patches
+    longest = max(len(k.suffix_ids) for k in prompts.keypoints) + 13  # suffix + the whole answer
+    max_seq = max(prefix_len, longest)  # the prefix prefill is the longest single pass
+    max_context = max(cfg.max_context, prefix_len + longest)
     ref = reference_outputs(model) if cfg.validate else None
 
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -127,7 +129,7 @@ def export_bundle(cfg: ExportConfig, log=print) -> ExportResult:
             vspec = export_vision(vision, vdir / "vision.onnx", model.cfg.crop_size, cfg.max_persons)
             dspec = export_decoder(DecoderGraph(model, cfg.logits_positions), vdir / "decoder.onnx", dtype,
                                    c.hidden_size, c.num_key_value_heads, c.head_dim, c.num_hidden_layers,
-                                   cfg.max_persons * len(prompts.keypoints), longest, max_context)
+                                   cfg.max_persons * len(prompts.keypoints), max_seq, max_context)
             variants[precision] = Variant(
                 precision=precision, embedding=emb,
                 vision=_prefixed(vspec, precision), decoder=_prefixed(dspec, precision))

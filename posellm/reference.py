@@ -71,19 +71,19 @@ class ReferenceEstimator:
         tokens = [_until_eos(t, self.tok.special.eos) for t in new]
         return Generation(tokens=tokens, texts=[self.tok.decode(t) for t in tokens], conf=conf)
 
-    def estimate_crops(self, pixel_values: np.ndarray, crops) -> list[PersonResult]:
+    def estimate_crops(self, pixel_values: np.ndarray, crops, boxes) -> list[PersonResult]:
         results = []
         names = [n for n, _ in self.keypoints]
-        for px, crop in zip(pixel_values, crops):
+        for px, crop, box in zip(pixel_values, crops, boxes):
             gen = self.generate(px)
             answers = [parse_answer(t, c, self.crop_spec.crop_size) for t, c in zip(gen.texts, gen.conf)]
-            results.append(person_result(crop.box_in, crop.center, crop.scale, self.crop_spec.crop_size, names,
+            results.append(person_result(box, crop.center, crop.scale, self.crop_spec.crop_size, names,
                                          answers, gen.tokens))
         return results
 
     def estimate(self, image: np.ndarray, boxes) -> list[PersonResult]:
         pixel_values, crops = crop_persons(image, boxes, self.crop_spec)
-        return self.estimate_crops(pixel_values, crops)
+        return self.estimate_crops(pixel_values, crops, boxes)
 
 
 def _until_eos(ids: list[int], eos: int) -> list[int]:

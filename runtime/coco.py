@@ -1,0 +1,114 @@
+"""COCO person-keypoint ground truth reader (json stdlib only; no pycocotools on the edge).
+
+Reproduces the instance list of LocLLM ``COCODataset.__init__`` (SPEC section 4): images in file order,
+their non-crowd annotations in file order, sanitised boxes with ``area > 0``, category 1 only, and only
+instances with at least one labelled keypoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from typing import Any, Mapping, Union
+
+import numpy as np
+
+from .errors import InputError
+from .preprocess import Box, box_to_center_scale, sanitize_box
+
+__all__ = ["NUM_KEYPOINTS", "PersonRecord", "read_coco_persons"]
+
+NUM_KEYPOINTS = 17  # COCO person keypoints
+
+
+@dataclass(frozen=True, eq=False)
+class PersonRecord:
+    """One evaluated person instance: where to crop it and its ground-truth keypoints."""
+
+    image_id: int
+    file_name: str
+    width: int
+    height: int
+    box: Box  # sanitised [x, y, w, h] (do not sanitise again: sanitation shrinks w, h by 1)
+    center: np.ndarray  # float32 [2]
+    scale: np.ndarray  # float32 [2]
+    keypoints: np.ndarray  # float32 [17, 3]: x, y, COCO visibility flag v (0, 1, 2; LocLLM clips v to 1)
+    area: float
+    ann_id: int
+
+
+def read_coco_persons(ann_path: Union[str, os.PathLike]) -> list[PersonRecord]:
+    """Read a COCO keypoint annotation file and return LocLLM's evaluation instances in LocLLM's order."""
+    name = os.fspath(ann_path)
+    try:
+        with open(name, "rb") as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        raise InputError(f"COCO annotation file {name!r} does not exist") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"cannot read COCO annotation file {name!r}: {exc}") from exc
+    except json.JSONDecodeError as exc:
+        raise InputError(f"COCO annotation file {name!r} is not valid JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise InputError(f"COCO annotation file {name!r} must hold a JSON object, got {type(data).__name__}")
+    for key in ("images", "annotations"):
+        if not isinstance(data.get(key), list):
+            raise InputError(f"COCO annotation file {name!r} needs a list under key {key!r}")
+
+    # pycocotools index: images keyed by id (first position wins the order), annotations grouped per image.
+    images: dict[Any, Mapping[str, Any]] = {}
+    for img in data["images"]:
+        images[_get(img, "id", name, "image")] = img
+    anns_by_image: dict[Any, list[Mapping[str, Any]]] = {}
+    for ann in data["annotations"]:
+        anns_by_image.setdefault(_get(ann, "image_id", name, "annotation"), []).append(ann)
+
+    records: list[PersonRecord] = []
+    for image_id, img in images.items():
+        width = int(_get(img, "width", name, f"image {image_id}"))
+        height = int(_get(img, "height", name, f"image {image_id}"))
+        file_name = str(_get(img, "file_name", name, f"image {image_id}"))
+        for ann in anns_by_image.get(image_id, []):
+            record = _person_record(ann, image_id, file_name, width, height, name)
+            if record is not None:
+                records.append(record)
+    return records
+
+
+def _person_record(
+    ann: Mapping[str, Any], image_id: Any, file_name: str, width: int, height: int, source: str
+) -> PersonRecord | None:
+    ann_id = _get(ann, "id", source, f"an annotation of image {image_id}")
+    where = f"annotation {ann_id}"
+    if _get(ann, "iscrowd", source, where) != 0:  # getAnnIds(iscrowd=False) keeps iscrowd == 0 / False
+        return None
+    bbox = _get(ann, "bbox", source, where)
+    if not isinstance(bbox, (list, tuple)) or len(bbox) != 4:
+        raise InputError(f"{source}: {where} has bbox {bbox!r}; expected [x, y, w, h]")
+    box = sanitize_box(bbox, width, height)
+    area = float(_get(ann, "area", source, where))
+    if box is None or not area > 0:
+        return None
+    if _get(ann, "category_id", source, where) != 1:
+        return None
+    kpts = _get(ann, "keypoints", source, where)
+    if not isinstance(kpts, (list, tuple)) or len(kpts) != 3 * NUM_KEYPOINTS:
+        raise InputError(f"{source}: {where} needs {3 * NUM_KEYPOINTS} keypoint values, got {kpts!r}")
+    if max(kpts) == 0:  # LocLLM: `if max(obj['keypoints']) == 0: continue` (no labelled keypoint)
+        return None
+    center, scale = box_to_center_scale(box)
+    return PersonRecord(
+        image_id=image_id, file_name=file_name, width=width, height=height, box=box, center=center,
+        scale=scale, keypoints=np.asarray(kpts, dtype=np.float32).reshape(NUM_KEYPOINTS, 3), area=area,
+        ann_id=ann_id,
+    )
+
+
+def _get(obj: Any, key: str, source: str, where: str) -> Any:
+    """Dictionary lookup whose failure names the file, the entry and the missing key."""
+    if not isinstance(obj, Mapping):
+        raise InputError(f"{source}: {where} must be a JSON object, got {type(obj).__name__}")
+    if key not in obj:
+        raise InputError(f"{source}: {where} has no key {key!r}")
+    return obj[key]

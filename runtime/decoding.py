@@ -1,0 +1,175 @@
+"""Greedy decoding on the KV-cached decoder graph: shared prefix once per person, keypoint suffixes as one batch
+on top of it, then `free` (plain greedy, the reference's semantics) or `template` decoding.
+
+Template decoding: the answer grammar is `▁[ 0 . d d d , 0 . d d d ]`. Only the six digits are model decisions, so
+`▁[ 0 .` ride along with the suffix prefill, `d , 0 .` are fed in one pass, and the rest are single-digit passes:
+5 decode passes instead of 12. The logits at every position are still computed, so each step's confidence — the
+keypoint score of SPEC §3 — is exactly the reference's.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+
+from .answer import KeypointAnswer, parse_answer, step_confidences
+from .backends.base import GraphRunner, Stopwatch
+from .manifest import Manifest
+
+
+@dataclass(frozen=True)
+class Decoded:
+    """Per sequence (person-major, keypoint-minor): generated ids, decoded text, parsed answer."""
+
+    tokens: list[list[int]]
+    answers: list[KeypointAnswer]
+
+
+class Decoder:
+    def __init__(self, manifest: Manifest, runner: GraphRunner, embedding: np.ndarray,
+                 detokenize: Callable[[list[int]], str]) -> None:
+        self.m = manifest
+        self.p = manifest.prompts
+        self.runner = runner
+        self.table = embedding
+        self.detokenize = detokenize
+        specs = {t.name: t for t in runner.spec.inputs}
+        self.act = np.dtype(specs["inputs_embeds"].dtype)
+        self.kv_names = [n for n in specs if n.startswith("past_key_values.")]
+        self.present = [n.replace("past_key_values.", "present.") for n in self.kv_names]
+
+    # -- small helpers -------------------------------------------------------------------------------------------
+    def embed(self, ids: np.ndarray) -> np.ndarray:
+        return np.asarray(self.table[ids], dtype=self.act)
+
+    def _step(self, embeds: np.ndarray, mask: np.ndarray, positions: np.ndarray, past: dict[str, Any]
+              ) -> tuple[np.ndarray, dict[str, Any]]:
+        feeds = {"inputs_embeds": embeds, "attention_mask": mask, "position_ids": positions, **past}
+        out = self.runner(feeds, keep_on_device=tuple(self.present))
+        nxt = {k: out[p] for k, p in zip(self.kv_names, self.present)}
+        return np.asarray(out["logits"], dtype=np.float32), nxt
+
+    # -- prefill -------------------------------------------------------------------------------------------------
+    def prefill(self, image_embeds: np.ndarray, suffixes: list[list[int]], append: list[int],
+                watch: Stopwatch) -> tuple[np.ndarray, np.ndarray, dict[str, Any], np.ndarray]:
+        """Prefix once per person, then all persons × suffixes (+ `append`, the forced answer head) as one batch.
+
+        Returns the suffix-prefill logits [rows, K, V], the attention mask and positions of the batch so far, and
+        the KV cache. Suffixes are left padded *between* prefix and suffix, masked, with positions continuing from
+        the prefix, so every real token sits where the reference's left-padded full prompt puts it.
+        """
+        persons, q = image_embeds.shape[0], len(suffixes)
+        prefix = np.asarray(self.p.prefix_ids, dtype=np.int64)
+        with watch.stage("prefix_prefill"):
+            emb = np.concatenate([np.broadcast_to(self.embed(prefix), (persons, len(prefix), self.table.shape[1])),
+                                  image_embeds.astype(self.act)], axis=1)
+            plen = emb.shape[1]
+            empty = {n: np.zeros((persons, self.m.dims.num_kv_heads, 0, self.m.dims.head_dim), self.act)
+                     for n in self.kv_names}
+            _, past = self._step(emb, np.ones((persons, plen), np.int64),
+                                 np.tile(np.arange(plen, dtype=np.int64), (persons, 1)), empty)
+        with watch.stage("suffix_prefill"):
+            seqs = [list(s) + list(append) for s in suffixes]
+            width = max(len(s) for s in seqs)
+            ids = np.full((q, width), self.p.pad_id, np.int64)
+            mask = np.zeros((q, plen + width), np.int64)
+            mask[:, :plen] = 1
+            pos = np.full((q, width), plen, np.int64)
+            for i, s in enumerate(seqs):
+                ids[i, width - len(s):] = s
+                mask[i, plen + width - len(s):] = 1
+                pos[i, width - len(s):] = np.arange(plen, plen + len(s))
+            rows = persons * q
+            past = {k: self.runner.repeat_rows(v, q) for k, v in past.items()}
+            emb = np.tile(self.embed(ids), (persons, 1, 1))
+            mask, pos = np.tile(mask, (persons, 1)), np.tile(pos, (persons, 1))
+            logits, past = self._step(emb, mask, pos, past)
+        assert logits.shape[0] == rows
+        return logits, mask, past, pos[:, -1]
+
+    # -- free: plain greedy, 13 tokens ----------------------------------------------------------------------------
+    def free(self, image_embeds: np.ndarray, suffixes: list[list[int]], watch: Stopwatch) -> Decoded:
+        persons, q = image_embeds.shape[0], len(suffixes)
+        logits, mask, past, last_pos = self.prefill(image_embeds, suffixes, [], watch)
+        eos, steps = self.p.eos_id, self.p.max_new_tokens
+        with watch.stage("decode"):
+            step_logits = [logits[:, -1]]
+            tokens = [step_logits[0].argmax(-1)]
+            done = tokens[0] == eos
+            # The reference stops a person's 17-prompt batch when all 17 emitted EOS; we run the whole batch until
+            # every row is done and cut per person below, which is equivalent (rows never interact).
+            while len(tokens) < steps and not done.all():
+                mask = np.concatenate([mask, np.ones((mask.shape[0], 1), np.int64)], axis=1)
+                last_pos = last_pos + 1
+                lg, past = self._step(self.embed(tokens[-1][:, None]), mask, last_pos[:, None], past)
+                step_logits.append(lg[:, -1])
+                tokens.append(lg[:, -1].argmax(-1))
+                done |= tokens[-1] == eos
+        gen = np.stack(tokens, axis=1)  # [rows, L]
+        conf = np.stack([step_confidences(s) for s in step_logits], axis=1)  # [rows, L]
+        out_tokens, answers = [], []
+        for n in range(persons):
+            rows = slice(n * q, (n + 1) * q)
+            seqs = [_until(list(map(int, g)), eos) for g in gen[rows]]
+            length = min(steps, max(len(s) for s in seqs))  # this person's generate() length
+            for s, c in zip(seqs, conf[rows]):
+                out_tokens.append(s)
+                answers.append(parse_answer(self.detokenize(s), c[:length - 1], self.m.preprocess.crop_size))
+        return Decoded(out_tokens, answers)
+
+    # -- template: only digits are decisions -----------------------------------------------------------------------
+    def template(self, image_embeds: np.ndarray, suffixes: list[list[int]], watch: Stopwatch) -> Decoded:
+        tpl = list(self.p.answer_template_ids)
+        digits = np.asarray(self.p.digit_ids, dtype=np.int64)
+        first, second = self.p.digit_positions[:3], self.p.digit_positions[3:]
+        # Prefill carries the fixed head `▁[ 0 .` (answer positions 0..first[0]-1).
+        logits, mask, past, last_pos = self.prefill(image_embeds, suffixes, tpl[:first[0]], watch)
+        rows = logits.shape[0]
+        n_steps = len(tpl)
+        conf = np.zeros((rows, n_steps), np.float64)
+        forced = np.zeros(rows, np.int64)
+        gen = np.tile(np.asarray(tpl, np.int64), (rows, 1))
+
+        def take(lg: np.ndarray, first_step: int) -> None:
+            """lg[:, j] predicts answer step first_step + j: record confidences, choose digits."""
+            nonlocal forced
+            for j in range(lg.shape[1]):
+                step = first_step + j
+                if step < 0:  # a larger exported K also returns logits from inside the suffix
+                    continue
+                if step >= n_steps:
+                    break
+                conf[:, step] = step_confidences(lg[:, j])
+                best = lg[:, j].argmax(-1)
+                if step in self.p.digit_positions:
+                    gen[:, step] = digits[lg[:, j][:, digits].argmax(-1)]
+                forced += best != gen[:, step]
+
+        with watch.stage("decode"):
+            k = logits.shape[1]  # the last k positions of the prefill: ..., ▁[, 0, . → steps first[0]-k+1 ..
+            take(logits, first[0] - k + 1)
+            plan = [[p] for p in first[1:]] + [list(range(first[-1] + 1, second[0] + 1))] + \
+                   [[p] for p in second[1:]]
+            for targets in plan:
+                # feed tokens at steps targets[0]-1 .. targets[-1]-1; their logits predict steps targets[0]..
+                feed = gen[:, targets[0] - 1:targets[-1]]
+                width = feed.shape[1]
+                mask = np.concatenate([mask, np.ones((rows, width), np.int64)], axis=1)
+                pos = last_pos[:, None] + np.arange(1, width + 1)
+                last_pos = pos[:, -1]
+                lg, past = self._step(self.embed(feed), mask, pos, past)
+                take(lg, targets[0])
+        out_tokens, answers = [], []
+        for r in range(rows):
+            s = list(map(int, gen[r]))
+            a = parse_answer(self.detokenize(s), conf[r, :n_steps - 1], self.m.preprocess.crop_size)
+            if forced[r]:
+                a = KeypointAnswer(a.text, a.x, a.y, a.score, a.ok, f"template forced {int(forced[r])} token(s)")
+            out_tokens.append(s)
+            answers.append(a)
+        return Decoded(out_tokens, answers)
+
+
+def _until(ids: list[int], eos: int) -> list[int]:
+    return ids[: ids.index(eos) + 1] if eos in ids else ids

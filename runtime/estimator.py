@@ -1,0 +1,113 @@
+"""`Estimator`: the torch-free pose runtime over a bundle.
+
+Per image: crop + normalise every person, run the vision graph once per person (not once per prompt), then decode
+all persons × keypoints in batches of at most `max_batch` sequences. Thread-safe: the estimator holds no per-call
+state, and onnxruntime sessions (like TensorRT contexts guarded in their runner) accept concurrent calls.
+"""
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from tokenizers import Tokenizer
+
+from .backends import open_runner
+from .backends.base import Stopwatch
+from .decoding import Decoded, Decoder
+from .errors import InputError
+from .manifest import Manifest, load_manifest
+from .preprocess import CropSpec, crop_persons, ensure_rgb
+from .prompts import PromptTokenizer
+from .results import PersonResult, person_result
+
+DECODINGS = ("template", "free")
+
+
+@dataclass(frozen=True)
+class EstimatorConfig:
+    precision: str = "fp32"
+    backend: str = "onnxruntime"
+    decoding: str = "template"
+    max_batch: int | None = None  # sequences per decoder batch; default: the bundle's max persons × 17
+    threads: int | None = None
+    verify: bool = True  # sha256 of every bundle file before the first inference
+
+
+class Estimator:
+    def __init__(self, bundle: str | Path, config: EstimatorConfig | None = None, **overrides) -> None:
+        cfg = config or EstimatorConfig(**overrides)
+        if config is not None and overrides:
+            raise InputError("pass either an EstimatorConfig or keyword overrides, not both")
+        if cfg.decoding not in DECODINGS:
+            raise InputError(f"decoding={cfg.decoding!r}: expected one of {list(DECODINGS)}")
+        self.bundle = Path(bundle)
+        self.config = cfg
+        self.manifest: Manifest = load_manifest(self.bundle, verify=cfg.verify)
+        m = self.manifest
+        variant = m.variant(cfg.precision)
+        if cfg.decoding == "template" and (m.prompts.answer_template_ids is None or m.prompts.digit_ids is None):
+            raise InputError("this bundle's tokenizer does not split the answer one character per token; "
+                             "template decoding is unavailable — use decoding='free'")
+        engines = {e.graph: e for e in variant.engines}
+        self.vision = open_runner(cfg.backend, self.bundle, variant.vision, engines.get("vision"), cfg.threads)
+        runner = open_runner(cfg.backend, self.bundle, variant.decoder, engines.get("decoder"), cfg.threads)
+        self.tokenizer = PromptTokenizer(Tokenizer.from_file(str(self.bundle / m.tokenizer)))
+        table = np.load(self.bundle / variant.embedding, mmap_mode="r")
+        self.decoder = Decoder(m, runner, table, self.tokenizer.decode)
+        self.crop_spec = CropSpec(crop_size=m.preprocess.crop_size, mean=tuple(m.preprocess.mean),
+                                  std=tuple(m.preprocess.std))
+        batch_hi = variant.decoder.dynamic_ranges.get("batch", (1, None))[1]
+        self.max_batch = cfg.max_batch or batch_hi or m.max_persons * len(m.prompts.keypoints)
+        if batch_hi is not None and self.max_batch > batch_hi:
+            raise InputError(f"max_batch={self.max_batch} exceeds the exported decoder batch range {batch_hi}")
+        self._lock = threading.Lock()  # guards only the lazily built custom-prompt cache
+        self._custom: dict[tuple[tuple[str, str], ...], list[list[int]]] = {}
+        self.last_timings: dict[str, float] = {}
+
+    # -- prompts -------------------------------------------------------------------------------------------------
+    def queries(self, keypoints: Sequence[tuple[str, str]] | None) -> tuple[list[str], list[list[int]]]:
+        """Names and suffix ids: the bundle's pre-tokenized 17, or custom (name, description) pairs."""
+        if keypoints is None:
+            kps = self.manifest.prompts.keypoints
+            return [k.name for k in kps], [list(k.suffix_ids) for k in kps]
+        key = tuple((str(n), str(d)) for n, d in keypoints)
+        if not key:
+            raise InputError("keypoints is empty; pass None for the 17 COCO keypoints or (name, description) pairs")
+        with self._lock:
+            if key not in self._custom:
+                self._custom[key] = [self.tokenizer.suffix_ids(n, d) for n, d in key]
+            return [n for n, _ in key], self._custom[key]
+
+    # -- inference -----------------------------------------------------------------------------------------------
+    def estimate(self, image, boxes: Sequence[Sequence[float]], keypoints: Sequence[tuple[str, str]] | None = None,
+                 watch: Stopwatch | None = None) -> list[PersonResult]:
+        """Keypoints of every person box ([x, y, w, h] in image pixels) of one image."""
+        watch = watch or Stopwatch()
+        names, suffixes = self.queries(keypoints)
+        with watch.stage("preprocess"):
+            rgb = ensure_rgb(image)
+            pixel_values, crops = crop_persons(rgb, boxes, self.crop_spec)
+        per_batch = max(1, self.max_batch // len(suffixes))
+        results: list[PersonResult] = []
+        for start in range(0, len(crops), per_batch):
+            chunk = slice(start, start + per_batch)
+            with watch.stage("vision"):
+                embeds = self.vision({"pixel_values": pixel_values[chunk]})["image_embeds"]
+            decoded = self.decode(np.asarray(embeds), suffixes, watch)
+            q = len(suffixes)
+            for i, crop in enumerate(crops[chunk]):
+                rows = slice(i * q, (i + 1) * q)
+                results.append(person_result(boxes[start + i], crop.center, crop.scale, self.crop_spec.crop_size,
+                                             names, decoded.answers[rows], decoded.tokens[rows]))
+        self.last_timings = dict(watch.seconds)
+        return results
+
+    def decode(self, image_embeds: np.ndarray, suffixes: list[list[int]], watch: Stopwatch) -> Decoded:
+        """Malformed answers never raise: they come back as score-0 keypoints with a flag (see answer.py)."""
+        if self.config.decoding == "template":
+            return self.decoder.template(image_embeds, suffixes, watch)
+        return self.decoder.free(image_embeds, suffixes, watch)
+
