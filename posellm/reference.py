@@ -11,7 +11,8 @@ from transformers import GenerationConfig
 
 from runtime.answer import parse_answer, step_confidences
 from runtime.keypoints import standard_keypoints
-from runtime.preprocess import CropSpec, crop_persons
+from runtime.preprocess import (CLIP_MEAN, CLIP_STD, DINO_MEAN, DINO_STD, CropSpec, crop_at_center_scale,
+                                crop_persons, ensure_rgb)
 from runtime.prompts import PromptTokenizer
 from runtime.results import PersonResult, person_result
 
@@ -37,7 +38,6 @@ class ReferenceEstimator:
         self.dtype = dtype
         self.keypoints = keypoints or standard_keypoints()
         cfg = model.cfg
-        from runtime.preprocess import CLIP_MEAN, CLIP_STD, DINO_MEAN, DINO_STD
         mean, std = (CLIP_MEAN, CLIP_STD) if cfg.normalization == "clip" else (DINO_MEAN, DINO_STD)
         self.crop_spec = CropSpec(crop_size=cfg.crop_size, mean=mean, std=std)
         self.prompts = [tokenizer.prompt_ids(n, d, cfg.num_patches) for n, d in self.keypoints]
@@ -71,19 +71,26 @@ class ReferenceEstimator:
         tokens = [_until_eos(t, self.tok.special.eos) for t in new]
         return Generation(tokens=tokens, texts=[self.tok.decode(t) for t in tokens], conf=conf)
 
-    def estimate_crops(self, pixel_values: np.ndarray, crops, boxes) -> list[PersonResult]:
+    def _estimate(self, pixel_values: np.ndarray, affines: list, boxes) -> list[PersonResult]:
         results = []
         names = [n for n, _ in self.keypoints]
-        for px, crop, box in zip(pixel_values, crops, boxes):
+        for px, (center, scale), box in zip(pixel_values, affines, boxes):
             gen = self.generate(px)
             answers = [parse_answer(t, c, self.crop_spec.crop_size) for t, c in zip(gen.texts, gen.conf)]
-            results.append(person_result(box, crop.center, crop.scale, self.crop_spec.crop_size, names,
-                                         answers, gen.tokens))
+            results.append(person_result(box, center, scale, self.crop_spec.crop_size, names, answers,
+                                         gen.tokens))
         return results
 
-    def estimate(self, image: np.ndarray, boxes) -> list[PersonResult]:
-        pixel_values, crops = crop_persons(image, boxes, self.crop_spec)
-        return self.estimate_crops(pixel_values, crops, boxes)
+    def estimate(self, image, boxes) -> list[PersonResult]:
+        """Same contract as the runtime's Estimator.estimate."""
+        pixel_values, crops = crop_persons(ensure_rgb(image), boxes, self.crop_spec)
+        return self._estimate(pixel_values, [(c.center, c.scale) for c in crops], boxes)
+
+    def estimate_records(self, image, records) -> list[PersonResult]:
+        """COCO GT persons, cropped from each record's centre/scale (as LocLLM evaluation does)."""
+        rgb = ensure_rgb(image)
+        pixel_values = np.stack([crop_at_center_scale(rgb, r.center, r.scale, self.crop_spec) for r in records])
+        return self._estimate(pixel_values, [(r.center, r.scale) for r in records], [r.box for r in records])
 
 
 def _until_eos(ids: list[int], eos: int) -> list[int]:

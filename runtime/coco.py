@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping, Union
+from typing import Any
 
 import numpy as np
 
@@ -36,9 +37,10 @@ class PersonRecord:
     keypoints: np.ndarray  # float32 [17, 3]: x, y, COCO visibility flag v (0, 1, 2; LocLLM clips v to 1)
     area: float
     ann_id: int
+    raw_box: Box | None = None  # the file's bbox: what crop_person / crop_persons expect (they sanitise)
 
 
-def read_coco_persons(ann_path: Union[str, os.PathLike]) -> list[PersonRecord]:
+def read_coco_persons(ann_path: str | os.PathLike) -> list[PersonRecord]:
     """Read a COCO keypoint annotation file and return LocLLM's evaluation instances in LocLLM's order."""
     name = os.fspath(ann_path)
     try:
@@ -101,7 +103,7 @@ def _person_record(
     return PersonRecord(
         image_id=image_id, file_name=file_name, width=width, height=height, box=box, center=center,
         scale=scale, keypoints=np.asarray(kpts, dtype=np.float32).reshape(NUM_KEYPOINTS, 3), area=area,
-        ann_id=ann_id,
+        ann_id=ann_id, raw_box=tuple(float(v) for v in bbox),
     )
 
 

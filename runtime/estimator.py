@@ -19,7 +19,8 @@ from .backends.base import Stopwatch
 from .decoding import Decoded, Decoder
 from .errors import InputError
 from .manifest import Manifest, load_manifest
-from .preprocess import CropSpec, crop_persons, ensure_rgb
+from .coco import PersonRecord
+from .preprocess import CropSpec, crop_at_center_scale, crop_persons, ensure_rgb
 from .prompts import PromptTokenizer
 from .results import PersonResult, person_result
 
@@ -84,23 +85,38 @@ class Estimator:
     # -- inference -----------------------------------------------------------------------------------------------
     def estimate(self, image, boxes: Sequence[Sequence[float]], keypoints: Sequence[tuple[str, str]] | None = None,
                  watch: Stopwatch | None = None) -> list[PersonResult]:
-        """Keypoints of every person box ([x, y, w, h] in image pixels) of one image."""
+        """Keypoints of every person box ([x, y, w, h] in image pixels, sanitised as LocLLM does) of one image."""
         watch = watch or Stopwatch()
-        names, suffixes = self.queries(keypoints)
+        with watch.stage("preprocess"):
+            pixel_values, crops = crop_persons(ensure_rgb(image), boxes, self.crop_spec)
+        return self._estimate(pixel_values, [(c.center, c.scale) for c in crops], boxes, keypoints, watch)
+
+    def estimate_records(self, image, records: Sequence[PersonRecord],
+                         keypoints: Sequence[tuple[str, str]] | None = None,
+                         watch: Stopwatch | None = None) -> list[PersonResult]:
+        """COCO GT persons: crop from each record's centre/scale (its box is already sanitised — not twice)."""
+        watch = watch or Stopwatch()
         with watch.stage("preprocess"):
             rgb = ensure_rgb(image)
-            pixel_values, crops = crop_persons(rgb, boxes, self.crop_spec)
-        per_batch = max(1, self.max_batch // len(suffixes))
+            pixel_values = np.stack([crop_at_center_scale(rgb, r.center, r.scale, self.crop_spec)
+                                     for r in records])
+        return self._estimate(pixel_values, [(r.center, r.scale) for r in records], [r.box for r in records],
+                              keypoints, watch)
+
+    def _estimate(self, pixel_values: np.ndarray, affines: list, boxes, keypoints, watch: Stopwatch
+                  ) -> list[PersonResult]:
+        names, suffixes = self.queries(keypoints)
+        q = len(suffixes)
+        per_batch = max(1, self.max_batch // q)
         results: list[PersonResult] = []
-        for start in range(0, len(crops), per_batch):
+        for start in range(0, len(affines), per_batch):
             chunk = slice(start, start + per_batch)
             with watch.stage("vision"):
                 embeds = self.vision({"pixel_values": pixel_values[chunk]})["image_embeds"]
             decoded = self.decode(np.asarray(embeds), suffixes, watch)
-            q = len(suffixes)
-            for i, crop in enumerate(crops[chunk]):
+            for i, (center, scale) in enumerate(affines[chunk]):
                 rows = slice(i * q, (i + 1) * q)
-                results.append(person_result(boxes[start + i], crop.center, crop.scale, self.crop_spec.crop_size,
+                results.append(person_result(boxes[start + i], center, scale, self.crop_spec.crop_size,
                                              names, decoded.answers[rows], decoded.tokens[rows]))
         self.last_timings = dict(watch.seconds)
         return results

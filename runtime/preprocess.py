@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence, Union
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -30,13 +30,13 @@ DINO_MEAN = (0.485, 0.456, 0.406)  # LocLLM `dino_norm` option (ImageNet)
 DINO_STD = (0.229, 0.224, 0.225)
 
 Box = tuple[float, float, float, float]
-ImageLike = Union[np.ndarray, Image.Image]
+ImageLike = np.ndarray | Image.Image
 
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 
 
 # ---------------------------------------------------------------------------------------------- images
-def load_image(path: Union[str, os.PathLike]) -> np.ndarray:
+def load_image(path: str | os.PathLike) -> np.ndarray:
     """Read an image file as uint8 HxWx3 RGB; EXIF orientation is ignored like cv2 IMREAD_IGNORE_ORIENTATION."""
     name = os.fspath(path)
     try:
@@ -54,7 +54,7 @@ def load_image(path: Union[str, os.PathLike]) -> np.ndarray:
 
 
 def ensure_rgb(image: ImageLike) -> np.ndarray:
-    """Return a C-contiguous uint8 HxWx3 RGB copy of a PIL image or an RGB(A)/gray numpy array.
+    """Return a C-contiguous uint8 HxWx3 RGB array (the input itself when it already is one).
 
     Alpha is dropped without compositing and 16-bit data keeps its high byte, as cv2 IMREAD_COLOR does.
     Numpy arrays are taken to be RGB (not cv2's BGR).
@@ -83,18 +83,15 @@ def ensure_rgb(image: ImageLike) -> np.ndarray:
 
 def _pil_to_rgb(im: Image.Image) -> np.ndarray:
     mode = im.mode
-    if mode == "RGB":
-        return ensure_rgb(np.array(im))
-    if mode in ("L", "RGBA", "RGBX"):
+    if mode in ("RGB", "L", "RGBA", "RGBX"):
         return ensure_rgb(np.array(im))  # gray is replicated, the 4th channel dropped
     if mode in ("LA", "La"):
         return ensure_rgb(np.array(im)[:, :, 0])
     if mode == "1":
         return ensure_rgb(np.array(im.convert("L")))  # 0/255
     if mode in _SIXTEEN_BIT_MODES:
-        # Scale 16 bit down by taking the high byte (not clipping at 255, which Pillow's convert("L") does).
-        data = np.clip(np.asarray(im).astype(np.int64), 0, 65535).astype(np.uint16)
-        return ensure_rgb(data)
+        # 16 bit -> 8 bit by the high byte (Pillow's convert("L") would clip at 255 instead).
+        return ensure_rgb(np.clip(np.asarray(im).astype(np.int64), 0, 65535).astype(np.uint16))
     if mode == "F":
         raise InputError("32-bit float images (mode 'F') have no defined 8-bit range; convert to RGB first")
     try:  # P, PA, CMYK, YCbCr, LAB, HSV, RGBa: Pillow's own colour conversion
@@ -109,8 +106,7 @@ def sanitize_box(box_xywh: Sequence[float], width: int, height: int) -> Box | No
     x, y, w, h = (float(v) for v in box_xywh)
     if any(math.isnan(v) for v in (x, y, w, h)):
         return None  # np.max/np.min propagate NaN in LocLLM, so the comparisons below fail: dropped
-    x1 = max(0.0, x)
-    y1 = max(0.0, y)
+    x1, y1 = max(0.0, x), max(0.0, y)
     x2 = min(float(width - 1), x1 + max(0.0, w - 1))
     y2 = min(float(height - 1), y1 + max(0.0, h - 1))
     if x2 >= x1 and y2 >= y1:
@@ -154,7 +150,7 @@ def box_to_center_scale(
 
 
 # ---------------------------------------------------------------------------------------------- affine
-def _size_wh(size: Union[int, Sequence[int]]) -> tuple[int, int]:
+def _size_wh(size: int | Sequence[int]) -> tuple[int, int]:
     if isinstance(size, (int, np.integer)):
         return int(size), int(size)
     w, h = size
@@ -172,8 +168,8 @@ def _solve_affine(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
 
 
 def get_affine_transform(
-    center: Sequence[float], scale: Union[float, Sequence[float]], rot: float,
-    output_size: Union[int, Sequence[int]], inv: bool = False, shift: Sequence[float] = (0.0, 0.0),
+    center: Sequence[float], scale: float | Sequence[float], rot: float,
+    output_size: int | Sequence[int], inv: bool = False, shift: Sequence[float] = (0.0, 0.0),
 ) -> np.ndarray:
     """HRNet/LocLLM three-point affine (2x3 float64) mapping the scaled box onto the output crop.
 
@@ -186,15 +182,13 @@ def get_affine_transform(
     scale_tmp = scale32 * np.float32(200.0)
     offset = scale_tmp * np.asarray(shift, dtype=np.float32)
     dst_w, dst_h = _size_wh(output_size)
-    rot_rad = np.pi * rot / 180
-    sn, cs = np.sin(rot_rad), np.cos(rot_rad)
+    sn, cs = np.sin(np.pi * rot / 180), np.cos(np.pi * rot / 180)
     half = float(scale_tmp[0]) * -0.5
     src_dir = np.array([0.0 * cs - half * sn, 0.0 * sn + half * cs], dtype=np.float64)
 
-    src = np.zeros((3, 2), dtype=np.float32)
+    src = np.zeros((3, 2), dtype=np.float32)  # centre, centre + rotated (0, -w/2), perpendicular point
     dst = np.zeros((3, 2), dtype=np.float32)
-    src[0, :] = center32 + offset
-    src[1, :] = center32 + src_dir + offset
+    src[0, :], src[1, :] = center32 + offset, center32 + src_dir + offset
     dst[0, :] = [dst_w * 0.5, dst_h * 0.5]
     dst[1, :] = np.array([dst_w * 0.5, dst_h * 0.5]) + np.array([0, dst_w * -0.5], np.float32)
     src[2, :] = _third_point(src[0, :], src[1, :])
@@ -230,8 +224,7 @@ def _invert_affine(m: np.ndarray) -> np.ndarray:
     det = m[0, 0] * m[1, 1] - m[0, 1] * m[1, 0]
     d = 1.0 / det if det != 0 else 0.0
     a11, a22, a12, a21 = m[1, 1] * d, m[0, 0] * d, -m[0, 1] * d, -m[1, 0] * d
-    b1 = -a11 * m[0, 2] - a12 * m[1, 2]
-    b2 = -a21 * m[0, 2] - a22 * m[1, 2]
+    b1, b2 = -a11 * m[0, 2] - a12 * m[1, 2], -a21 * m[0, 2] - a22 * m[1, 2]
     return np.array([[a11, a12, b1], [a21, a22, b2]], dtype=np.float64)
 
 
@@ -241,7 +234,7 @@ def _f32(x: np.ndarray) -> np.ndarray:
 
 
 def warp_affine(
-    image: np.ndarray, matrix: np.ndarray, size: Union[int, Sequence[int]], *, fixed_point: bool = False
+    image: np.ndarray, matrix: np.ndarray, size: int | Sequence[int], *, fixed_point: bool = False
 ) -> np.ndarray:
     """cv2.warpAffine(image, matrix, size, INTER_LINEAR, BORDER_CONSTANT 0) in numpy; size is S or (w, h).
 
@@ -250,10 +243,10 @@ def warp_affine(
     rotated random-image crops it was off by up to 123 gray levels (mean 0.51; 38% of values differ).
     Default: OpenCV >= 4.11's float32 kernel (float32 inverse matrix, row offset y*M1+M2 in float32, fused
     x*M0 + offset, floor, fused lerps, round-half-even): max 0 / mean 0.0 gray levels vs cv2 5.0 on those
-    crops (a plain float64 bilinear: max 1, mean 1.3e-4).
-    ``fixed_point=True``: OpenCV < 4.11 (the cv2 LocLLM was trained with), 1/32-px coordinates and 15-bit
-    integer weights: max 0 vs opencv-python-headless 4.10.0.84 on the same crops. The two kernels differ by
-    up to 5 gray levels (mean 0.16) on real photos.
+    crops and on 300 random matrices/images (a plain float64 bilinear: max 1, mean 1.3e-4).
+    ``fixed_point=True``: OpenCV < 4.11 (what LocLLM's 2024 environment had), 1/32-px coordinates and
+    15-bit integer weights: max 0 vs opencv-python-headless 4.10.0.84 on the same cases. The two kernels
+    differ by up to 5 gray levels (mean 0.16) on the coco-mini crops.
     """
     img = np.asarray(image)
     if img.dtype != np.uint8:
@@ -308,14 +301,19 @@ def _neighbours(
     img: np.ndarray, ix: np.ndarray, iy: np.ndarray, dtype: type
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """The 2x2 source pixels at (ix..ix+1, iy..iy+1); those off the image read the constant border 0."""
-    src_h, src_w = img.shape[:2]
+    src_h, src_w, channels = img.shape
     outside = (ix < -1) | (ix >= src_w) | (iy < -1) | (iy >= src_h)  # touches no source pixel at all
-    pad = np.zeros((src_h + 2, src_w + 2, img.shape[2]), dtype=np.uint8)  # 1-pixel zero frame
-    pad[1:-1, 1:-1] = img
-    px = np.clip(ix + 1, 0, src_w)
-    py = np.clip(iy + 1, 0, src_h)
-    return (pad[py, px].astype(dtype), pad[py, px + 1].astype(dtype), pad[py + 1, px].astype(dtype),
-            pad[py + 1, px + 1].astype(dtype), outside)
+    flat = img.reshape(-1, channels)  # one flat gather per neighbour is much faster than 2-D indexing
+    pixels = []
+    for dy in (0, 1):
+        for dx in (0, 1):
+            x, y = ix + dx, iy + dy
+            off = (x < 0) | (x >= src_w) | (y < 0) | (y >= src_h)
+            idx = np.clip(y, 0, src_h - 1) * src_w + np.clip(x, 0, src_w - 1)
+            p = np.take(flat, idx.ravel(), axis=0).reshape(*ix.shape, channels).astype(dtype)
+            p[off] = 0  # constant border
+            pixels.append(p)
+    return pixels[0], pixels[1], pixels[2], pixels[3], outside
 
 
 # ------------------------------------------------------------------------------------------- tensors

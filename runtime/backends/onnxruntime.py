@@ -33,6 +33,9 @@ class OrtRunner(GraphRunner):
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if threads:
             opts.intra_op_num_threads = threads
+        # int8 Q/DQ graphs: x86 CPUs without VNNI saturate onnxruntime's fast U8S8 int8 kernels (measured on the
+        # int8 vision graph: 18% rms error instead of 2.2%); this selects the exact U8U8 path there, no-op elsewhere.
+        opts.add_session_config_entry("session.x64quantprecision", "1")
         if provider == "tensorrt":
             cache = str(path.parent / "ort-trt-cache")
             os.makedirs(cache, exist_ok=True)

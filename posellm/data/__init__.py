@@ -1,0 +1,1 @@
+"""Datasets for PoseLLM: procedural synthetic COCO person-keypoint data."""

@@ -1,0 +1,154 @@
+"""Training samples for PoseLLM (LocLLM `datasets/coco.py` `_get_pose_item` / `_parse_data_item` semantics).
+
+One sample = one person crop with LocLLM's augmentation (scale ×clip(N(1,sf),1-sf,1+sf), rotation U(-rf,rf) with
+p=rot_prob, horizontal flip with left/right swap and mirrored centre) and a multi-round conversation: up to
+`max_rounds` randomly chosen labelled keypoints inside the crop, tokenized with PromptTokenizer exactly as inference
+tokenizes a prompt: prefix + <im_patch>×N + [suffix(k) + answer(k) + </s>] per round. Labels are -100 everywhere
+except the answer tokens and their `</s>` (HF shifts labels inside the loss, so labels[t] == input_ids[t] there).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from runtime.coco import PersonRecord, read_coco_persons
+from runtime.keypoints import FLIP_PAIRS, standard_keypoints
+from runtime.preprocess import get_affine_transform, normalize, warp_affine
+from runtime.prompts import PromptTokenizer
+
+from .data.synthetic import ANNOTATION_FILE, SyntheticConfig, generate_dataset
+
+IGNORE_INDEX = -100
+
+
+@dataclass(frozen=True)
+class Augment:
+    scale_factor: float = 0.3
+    rot_factor: float = 40.0
+    rot_prob: float = 0.5
+    flip_prob: float = 0.5
+
+
+def ensure_dataset(root: str | Path, num_images: int, seed: int) -> Path:
+    """A synthetic COCO set under root (generated once; regenerated if its recorded config differs)."""
+    cfg = SyntheticConfig(num_images=num_images, seed=seed)
+    out = Path(root) / f"synthetic-s{seed}-n{num_images}"
+    ann = out / ANNOTATION_FILE
+    if ann.is_file():
+        info = json.loads(ann.read_text()).get("info", {}).get("config", {})
+        if info.get("num_images") == num_images and info.get("seed") == seed:
+            return out
+    return generate_dataset(cfg, out)
+
+
+class PersonSet:
+    """All persons of a COCO dataset directory, with every image decoded into RAM (uint8 RGB)."""
+
+    def __init__(self, dataset_dir: str | Path) -> None:
+        root = Path(dataset_dir)
+        self.persons: list[PersonRecord] = read_coco_persons(root / ANNOTATION_FILE)
+        self.images = {}
+        for rec in self.persons:
+            if rec.file_name not in self.images:
+                with Image.open(root / "images" / rec.file_name) as im:
+                    self.images[rec.file_name] = np.asarray(im.convert("RGB"))
+
+    def __len__(self) -> int:
+        return len(self.persons)
+
+
+def augmented_crop(image: np.ndarray, rec: PersonRecord, crop_size: int, rng: np.random.Generator,
+                   aug: Augment | None, mean, std) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """→ (pixel_values [3,S,S] float32, joints in crop pixels [17,2], labelled mask [17] bool)."""
+    c, s = rec.center.astype(np.float32).copy(), rec.scale.astype(np.float32).copy()
+    joints = rec.keypoints[:, :2].astype(np.float64).copy()
+    vis = rec.keypoints[:, 2] > 0
+    r = 0.0
+    if aug is not None:
+        sf = aug.scale_factor
+        s = s * np.float32(np.clip(rng.standard_normal() * sf + 1, 1 - sf, 1 + sf))
+        r = float(rng.uniform(-aug.rot_factor, aug.rot_factor)) if rng.random() <= aug.rot_prob else 0.0
+        if rng.random() <= aug.flip_prob:  # LocLLM fliplr_joints + mirrored centre
+            width = image.shape[1]
+            image = image[:, ::-1]
+            joints[:, 0] = width - joints[:, 0] - 1
+            for a, b in FLIP_PAIRS:
+                joints[[a, b]] = joints[[b, a]]
+                vis[[a, b]] = vis[[b, a]]
+            c[0] = width - c[0] - 1
+    trans = get_affine_transform(c, s, r, (crop_size, crop_size))
+    crop = warp_affine(np.ascontiguousarray(image), trans, crop_size)
+    pts = joints @ trans[:, :2].T + trans[:, 2]
+    return normalize(crop, mean, std), pts, vis
+
+
+class SequenceBuilder:
+    """Multi-round Q/A token sequences with answer-only labels."""
+
+    def __init__(self, ptok: PromptTokenizer, num_patches: int, crop_size: int, max_rounds: int = 5) -> None:
+        self.ptok = ptok
+        self.crop_size = crop_size
+        self.max_rounds = max_rounds
+        self.head = ptok.prefix_ids() + [ptok.special.image] * num_patches
+        self.suffixes = [ptok.suffix_ids(n, d) for n, d in standard_keypoints()]
+
+    def answer_ids(self, x: float, y: float) -> list[int]:
+        """`[x,y]` (crop pixels / crop size, clipped to [0, 0.999]) + `</s>`."""
+        fx, fy = (min(max(v / self.crop_size, 0.0), 0.999) for v in (x, y))
+        return self.ptok.encode_chunk(f"[{fx:.3f},{fy:.3f}]") + [self.ptok.special.eos]
+
+    def pick(self, pts: np.ndarray, vis: np.ndarray, rng: np.random.Generator) -> list[int]:
+        """Up to max_rounds random labelled keypoints inside the crop (LocLLM: shuffle, keep, first 5)."""
+        s = self.crop_size
+        inside = [k for k in rng.permutation(len(pts)).tolist()
+                  if vis[k] and 0 <= pts[k, 0] < s and 0 <= pts[k, 1] < s]
+        return inside[: self.max_rounds]
+
+    def build(self, pts: np.ndarray, keypoints: list[int]) -> tuple[list[int], list[int]]:
+        ids, labels = list(self.head), [IGNORE_INDEX] * len(self.head)
+        for k in keypoints:
+            answer = self.answer_ids(float(pts[k, 0]), float(pts[k, 1]))
+            ids += self.suffixes[k] + answer
+            labels += [IGNORE_INDEX] * len(self.suffixes[k]) + answer
+        return ids, labels
+
+
+def collate(rows: list[tuple[np.ndarray, list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest row: pad id, attention 0, label -100."""
+    width = max(len(ids) for _, ids, _ in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    labels = torch.full_like(input_ids, IGNORE_INDEX)
+    mask = torch.zeros_like(input_ids)
+    for i, (_, ids, lab) in enumerate(rows):
+        input_ids[i, : len(ids)] = torch.tensor(ids)
+        labels[i, : len(lab)] = torch.tensor(lab)
+        mask[i, : len(ids)] = 1
+    pixels = torch.from_numpy(np.stack([px for px, _, _ in rows]))
+    return {"pixel_values": pixels, "input_ids": input_ids, "attention_mask": mask, "labels": labels}
+
+
+class Sampler:
+    """Draws augmented multi-round samples from a PersonSet with one seeded numpy Generator (deterministic)."""
+
+    def __init__(self, data: PersonSet, builder: SequenceBuilder, aug: Augment | None, mean, std,
+                 seed: int) -> None:
+        self.data, self.builder, self.aug, self.mean, self.std = data, builder, aug, mean, std
+        self.rng = np.random.default_rng(seed)
+
+    def sample(self) -> tuple[np.ndarray, list[int], list[int]]:
+        while True:  # LocLLM: a crop with no usable keypoint is replaced by a random other person
+            rec = self.data.persons[int(self.rng.integers(len(self.data)))]
+            px, pts, vis = augmented_crop(self.data.images[rec.file_name], rec, self.builder.crop_size,
+                                          self.rng, self.aug, self.mean, self.std)
+            keypoints = self.builder.pick(pts, vis, self.rng)
+            if keypoints:
+                ids, labels = self.builder.build(pts, keypoints)
+                return px, ids, labels
+
+    def batch(self, size: int) -> dict[str, torch.Tensor]:
+        return collate([self.sample() for _ in range(size)], self.builder.ptok.special.pad)

@@ -1,0 +1,53 @@
+"""`posellm-edge` — one console script; each subcommand lives with its package and is imported lazily, so an
+edge install (runtime only: no torch) can still `posellm-edge run`.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+import traceback
+
+# subcommand → (module with add_arguments/run, one-line help)
+COMMANDS = {
+    "export": ("exporter.cli", "merge LoRA and export a checkpoint to an ONNX bundle"),
+    "calibrate": ("calibration.cli", "INT8 calibration: write the int8 (Q/DQ) variant into a bundle"),
+    "build": ("exporter.trt_cli", "build TensorRT engines from a bundle's ONNX graphs"),
+    "run": ("runtime.cli", "estimate keypoints on an image or a COCO file with a bundle"),
+    "eval": ("benchmarks.eval_cli", "COCO AP of the PyTorch reference and every bundle variant"),
+    "bench": ("benchmarks.bench_cli", "latency / throughput / memory benchmark with the reference baseline"),
+}
+EXPECTED_ERRORS = ("PoseLLMEdgeError", "ConfigError", "CheckpointError", "ValidationError", "FileNotFoundError")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="posellm-edge", description=__doc__.splitlines()[0])
+    parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    argv = sys.argv[1:] if argv is None else argv
+    wanted = next((a for a in argv if a in COMMANDS), None)
+    for name, (module, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+        if name == wanted:  # import only the subcommand in use (keeps `run` free of torch)
+            try:
+                importlib.import_module(module).add_arguments(p)
+            except ImportError as exc:
+                print(f"posellm-edge {name}: needs an optional dependency that is not installed ({exc.name}); "
+                      f"install posellm-edge[export] for export/eval/bench", file=sys.stderr)
+                return 2
+    args = parser.parse_args(argv)
+    try:
+        return int(importlib.import_module(COMMANDS[args.command][0]).run(args) or 0)
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:  # map the library's typed errors to one clear line; anything else is a bug
+        if args.debug or not any(c.__name__ in EXPECTED_ERRORS for c in type(exc).__mro__):
+            traceback.print_exc()
+        else:
+            print(f"posellm-edge {args.command}: error: {exc}", file=sys.stderr)
+        return 2 if not args.debug else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
