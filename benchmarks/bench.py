@@ -1,0 +1,226 @@
+"""`posellm-edge bench`: per-person latency (p50/p90/p99, end to end and per stage), persons/s at several batch
+sizes and peak RSS for every bundle variant, with the PyTorch reference measured in the same run on the same crops.
+
+Warm-up calls are excluded. Peak RSS per variant uses Linux's resettable high-water mark (`/proc/self/clear_refs`
+"5" resets VmHWM), so each variant's figure is its own peak, in one process.
+"""
+from __future__ import annotations
+
+import os
+import platform
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from runtime.backends.base import Stopwatch
+from runtime.coco import read_coco_persons
+from runtime.estimator import Estimator, EstimatorConfig
+from runtime.manifest import sha256_file
+from runtime.preprocess import load_image
+
+from .evaluate import write_json
+
+STAGES = ("preprocess", "vision", "prefix_prefill", "suffix_prefill", "decode")
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    bundles: tuple[Path, ...]
+    coco: Path
+    images: Path
+    checkpoint: Path | None = None  # the PyTorch reference baseline
+    backend: str = "onnxruntime"
+    precisions: tuple[str, ...] | None = None
+    decodings: tuple[str, ...] = ("template", "free")
+    persons: int = 12  # timed single-person calls per variant
+    warmup: int = 2
+    batch_sizes: tuple[int, ...] = (1, 4, 8)
+    reference_persons: int = 6
+    eval_report: Path | None = None
+    out: Path | None = None
+    plot: Path | None = None
+
+
+def _reset_peak_rss() -> None:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass  # not Linux: the figure is then the process peak so far
+
+
+def _peak_rss_mb() -> float:
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _pct(values: list[float]) -> dict[str, float]:
+    a = np.asarray(values) * 1000.0
+    return {"p50": round(float(np.percentile(a, 50)), 3), "p90": round(float(np.percentile(a, 90)), 3),
+            "p99": round(float(np.percentile(a, 99)), 3)}
+
+
+def _persons(cfg: BenchConfig):
+    """(image, record) pairs of real crops, cycled to the number needed."""
+    recs = read_coco_persons(cfg.coco)
+    cache: dict[str, np.ndarray] = {}
+    out = []
+    for rec in recs[: max(cfg.persons + cfg.warmup, max(cfg.batch_sizes))]:
+        if rec.file_name not in cache:
+            cache[rec.file_name] = load_image(cfg.images / rec.file_name)
+        out.append((cache[rec.file_name], rec))
+    return out
+
+
+def _time(estimator, persons, cfg: BenchConfig, n: int) -> dict:
+    e2e, stages = [], {s: [] for s in STAGES}
+    for i in range(cfg.warmup + n):
+        image, rec = persons[i % len(persons)]
+        watch = Stopwatch()
+        t0 = time.perf_counter()
+        if isinstance(estimator, Estimator):
+            estimator.estimate_records(image, [rec], watch=watch)
+        else:
+            estimator.estimate_records(image, [rec])
+        if i >= cfg.warmup:
+            e2e.append(time.perf_counter() - t0)
+            for s in STAGES:
+                stages[s].append(watch.seconds.get(s, 0.0))
+    return {"ms_per_person": _pct(e2e), "stages_ms": {s: _pct(v) for s, v in stages.items()} if
+            isinstance(estimator, Estimator) else {}}
+
+
+def _throughput(estimator: Estimator, persons, cfg: BenchConfig) -> dict[str, float]:
+    out = {}
+    for bs in cfg.batch_sizes:
+        image, _ = persons[0]
+        recs = [rec for img, rec in persons if img is image][:bs] or [persons[0][1]]
+        recs = (recs * bs)[:bs]  # one image's persons, repeated to the batch size
+        estimator.estimate_records(image, recs)  # warm-up at this shape
+        t0 = time.perf_counter()
+        estimator.estimate_records(image, recs)
+        out[str(bs)] = round(bs / (time.perf_counter() - t0), 3)
+    return out
+
+
+def environment() -> dict:
+    import onnxruntime as ort
+    from exporter.versions import library_versions
+    return {"machine": platform.machine(), "processor": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(), "python": platform.python_version(),
+            "onnxruntime_providers": ort.get_available_providers(), "libraries": library_versions()}
+
+
+def benchmark(cfg: BenchConfig, log=print) -> dict:
+    persons = _persons(cfg)
+    results = []
+    if cfg.checkpoint is not None:
+        results.append(_bench_reference(cfg, persons, log))
+    for bundle in cfg.bundles:
+        probe = Estimator(bundle, EstimatorConfig())
+        for precision in cfg.precisions or tuple(probe.manifest.variants):
+            for decoding in cfg.decodings:
+                _reset_peak_rss()
+                est = Estimator(bundle, EstimatorConfig(precision=precision, decoding=decoding,
+                                                        backend=cfg.backend, verify=False))
+                name = f"{precision}-{decoding}" if len(cfg.bundles) == 1 else \
+                    f"{Path(bundle).name}:{precision}-{decoding}"
+                timing = _time(est, persons, cfg, cfg.persons)
+                entry = {"name": name, "backend": cfg.backend, "precision": precision, "decoding": decoding,
+                         **timing, "persons_per_s": _throughput(est, persons, cfg),
+                         "peak_rss_mb": round(_peak_rss_mb(), 1),
+                         "bundle": str(bundle), "bundle_sha256": sha256_file(Path(bundle) / "manifest.json"),
+                         "bundle_bytes": _bundle_bytes(Path(bundle), est.manifest.variant(precision))}
+                results.append(entry)
+                log(f"{name}: {entry['ms_per_person']['p50']:.1f} ms/person p50")
+    ref = next((r for r in results if r["name"] == "reference"), None)
+    for r in results:
+        if ref is not None:
+            r["speedup_vs_reference"] = round(ref["ms_per_person"]["p50"] / r["ms_per_person"]["p50"], 2)
+    _attach_accuracy(results, cfg.eval_report)
+    report = {"environment": environment(), "config": {k: str(v) for k, v in cfg.__dict__.items()},
+              "results": results}
+    report["markdown"] = markdown_table(results)
+    if cfg.out:
+        write_json(cfg.out, report)
+    if cfg.plot:
+        plot(results, cfg.plot)
+    return report
+
+
+def _bench_reference(cfg: BenchConfig, persons, log) -> dict:
+    from posellm.checkpoint import load_checkpoint
+    from posellm.reference import ReferenceEstimator
+    from runtime.prompts import PromptTokenizer
+    from tokenizers import Tokenizer
+    _reset_peak_rss()
+    model = load_checkpoint(cfg.checkpoint)
+    ref = ReferenceEstimator(model.merge_lora() if model.has_lora() else model,
+                             PromptTokenizer(Tokenizer.from_file(str(Path(cfg.bundles[0]) / "tokenizer.json"))))
+    timing = _time(ref, persons, cfg, cfg.reference_persons)
+    log(f"reference: {timing['ms_per_person']['p50']:.1f} ms/person p50")
+    return {"name": "reference", "backend": "pytorch", "precision": "fp32", "decoding": "free", **timing,
+            "persons_per_s": {"1": round(1000.0 / timing["ms_per_person"]["p50"], 3)},
+            "peak_rss_mb": round(_peak_rss_mb(), 1)}
+
+
+def _bundle_bytes(bundle: Path, variant) -> int:
+    files = [variant.vision.file, variant.decoder.file, variant.embedding, *variant.vision.external_data,
+             *variant.decoder.external_data]
+    return sum((bundle / f).stat().st_size for f in files)
+
+
+def _attach_accuracy(results: list[dict], eval_report: Path | None) -> None:
+    if eval_report is None:
+        return
+    import json
+    rep = json.loads(Path(eval_report).read_text())
+    by_name = {v["name"]: v for v in rep["variants"]}
+    by_name["reference"] = rep["reference"]
+    for r in results:
+        if r["name"] in by_name:
+            r["AP"] = by_name[r["name"]]["AP"]
+            r["delta_AP"] = round(r["AP"] - rep["reference"]["AP"], 3)
+
+
+def markdown_table(results: list[dict]) -> str:
+    lines = ["| variant | backend | ms/person p50 | p90 | p99 | speed-up | persons/s (max batch) | peak RSS MB | AP "
+             "| ΔAP |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        ms = r["ms_per_person"]
+        pps = max(r["persons_per_s"].values())
+        lines.append(f"| {r['name']} | {r['backend']} | {ms['p50']:.1f} | {ms['p90']:.1f} | {ms['p99']:.1f} | "
+                     f"{r.get('speedup_vs_reference', '')}× | {pps:.2f} | {r['peak_rss_mb']:.0f} | "
+                     f"{r.get('AP', '')} | {r.get('delta_AP', '')} |")
+    return "\n".join(lines)
+
+
+def plot(results: list[dict], out: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    pts = [r for r in results if "AP" in r]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in pts or results:
+        y = r.get("AP", 0.0)
+        ax.scatter(r["ms_per_person"]["p50"], y, s=40, marker="s" if r["name"] == "reference" else "o")
+        ax.annotate(r["name"], (r["ms_per_person"]["p50"], y), textcoords="offset points", xytext=(4, 4),
+                    fontsize=8)
+    ax.set_xscale("log")
+    ax.set_xlabel("ms / person (p50, log scale)")
+    ax.set_ylabel("COCO keypoint AP" if pts else "AP (no eval report given)")
+    ax.set_title("posellm-edge: accuracy vs speed")
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    tmp = Path(out).with_name(Path(out).stem + ".tmp.png")
+    fig.savefig(tmp, dpi=120)
+    os.replace(tmp, out)
+    plt.close(fig)

@@ -1,0 +1,46 @@
+"""`posellm-edge bench BUNDLE [BUNDLE ...] [--checkpoint CKPT] [--out BENCH.json] [--plot OUT.png]`."""
+from __future__ import annotations
+
+import argparse
+import tempfile
+from pathlib import Path
+
+from runtime.backends import BACKENDS
+
+from .bench import BenchConfig, benchmark
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("bundles", type=Path, nargs="+")
+    p.add_argument("--checkpoint", type=Path, help="PyTorch reference checkpoint: the baseline, same run")
+    p.add_argument("--coco", type=Path, help="persons to time (GT boxes); default: a small synthetic set")
+    p.add_argument("--images", type=Path)
+    p.add_argument("--backend", choices=BACKENDS, default="onnxruntime")
+    p.add_argument("--precision", action="append")
+    p.add_argument("--decoding", action="append", choices=("template", "free"))
+    p.add_argument("--persons", type=int, default=12, help="timed persons per variant")
+    p.add_argument("--reference-persons", type=int, default=6, help="timed persons for the (slow) reference")
+    p.add_argument("--batch-sizes", default="1,4,8", help="persons per call for the throughput figures")
+    p.add_argument("--eval", type=Path, help="an eval REPORT.json: adds AP to the table and the plot")
+    p.add_argument("--out", type=Path)
+    p.add_argument("--plot", type=Path)
+
+
+def run(args: argparse.Namespace) -> int:
+    with tempfile.TemporaryDirectory() as tmp:
+        coco, images = args.coco, args.images
+        if coco is None:
+            from posellm.data.synthetic import SyntheticConfig, generate_dataset
+            root = generate_dataset(SyntheticConfig(num_images=8, seed=7), Path(tmp) / "synthetic")
+            coco, images = root / "person_keypoints.json", root / "images"
+        elif images is None:
+            raise SystemExit("--coco needs --images")
+        report = benchmark(BenchConfig(
+            bundles=tuple(args.bundles), coco=coco, images=images, checkpoint=args.checkpoint,
+            backend=args.backend, precisions=tuple(args.precision) if args.precision else None,
+            decodings=tuple(args.decoding) if args.decoding else ("template", "free"), persons=args.persons,
+            reference_persons=args.reference_persons,
+            batch_sizes=tuple(int(b) for b in args.batch_sizes.split(",")), eval_report=args.eval,
+            out=args.out, plot=args.plot))
+    print(report["markdown"])
+    return 0

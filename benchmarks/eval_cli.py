@@ -1,0 +1,36 @@
+"""`posellm-edge eval --checkpoint CKPT --bundle B [--bundle B2] --coco ANN --images DIR [--max-ap-drop X]`."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from runtime.backends import BACKENDS
+
+from .evaluate import DECODINGS, EvalConfig, evaluate
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", type=Path, required=True, help="the PyTorch reference checkpoint")
+    p.add_argument("--bundle", type=Path, action="append", required=True, help="bundle(s) to evaluate")
+    p.add_argument("--coco", type=Path, required=True, help="COCO person-keypoint annotations (GT boxes)")
+    p.add_argument("--images", type=Path, required=True)
+    p.add_argument("--backend", choices=BACKENDS, default="onnxruntime")
+    p.add_argument("--precision", action="append", help="only these variants (default: all in the bundle)")
+    p.add_argument("--decoding", action="append", choices=DECODINGS, help="default: free and template")
+    p.add_argument("--max-ap-drop", type=float, default=None, help="fail when a variant's AP is this far below")
+    p.add_argument("--max-images", type=int, default=None)
+    p.add_argument("--out", type=Path, help="REPORT.json (a Markdown table is written beside it)")
+
+
+def run(args: argparse.Namespace) -> int:
+    report = evaluate(EvalConfig(
+        checkpoint=args.checkpoint, bundles=tuple(args.bundle), coco=args.coco, images=args.images,
+        backend=args.backend, precisions=tuple(args.precision) if args.precision else None,
+        decodings=tuple(args.decoding) if args.decoding else DECODINGS, max_ap_drop=args.max_ap_drop,
+        out=args.out, max_images=args.max_images))
+    print(report["markdown"])
+    failed = report.get("failed")
+    if failed:
+        print(f"AP dropped more than {args.max_ap_drop} below the reference for: {', '.join(failed)}")
+        return 1
+    return 0
