@@ -69,7 +69,7 @@ class BuildResult:
 # ------------------------------------------------------------------------------------------------- profiles
 def engine_profiles(manifest: Manifest, variant: Variant, max_persons: int) -> dict[str, tuple[dict[str, Any], ...]]:
     """Per graph, the optimization profiles as {input name: [min, opt, max] shape}."""
-    p, d = manifest.prompts, manifest.dims
+    p = manifest.prompts
     keypoints = len(p.keypoints)
     prefix = len(p.prefix_ids) + p.num_image_tokens
     longest_suffix = max(len(k.suffix_ids) for k in p.keypoints)
@@ -86,7 +86,6 @@ def engine_profiles(manifest: Manifest, variant: Variant, max_persons: int) -> d
               "total": (2, decode_past_opt + 1, ctx + DECODE_MAX_SEQ)}
     out = {"vision": (_materialize(variant.vision, vision),),
            "decoder": (_materialize(variant.decoder, prefill), _materialize(variant.decoder, decode))}
-    del d
     return out
 
 
@@ -133,7 +132,7 @@ def write_trtexec_script(bundle: Path, precision: str, variant: Variant, profile
     lines = [
         "#!/bin/sh",
         f"# posellm-edge: TensorRT engines of the {precision} variant, built strongly typed from its ONNX graphs",
-        "# (precision is in the graphs: no --fp16/--int8 flags, which TensorRT 11 removed). Run on the target",
+        "# (precision is in the graphs; TensorRT 11 removed the FP16/INT8 builder flags). Run on the target",
         "# device, e.g. a Jetson with TensorRT 10.x; TRTEXEC overrides the binary (/usr/src/tensorrt/bin/trtexec).",
         "# The decoder has two optimization profiles (prefill, decode): trtexec must accept `--profile=N` before",
         "# each --minShapes/--optShapes/--maxShapes group when building; otherwise use `posellm-edge build`.",
@@ -142,7 +141,7 @@ def write_trtexec_script(bundle: Path, precision: str, variant: Variant, profile
         'cd "$(dirname "$0")"',
         'TRTEXEC="${TRTEXEC:-trtexec}"',
     ]
-    cache = str(timing_cache) if timing_cache is not None else None
+    cache = str(Path(timing_cache).resolve()) if timing_cache is not None else None  # the script cd's
     for graph in GRAPHS:
         spec: GraphSpec = getattr(variant, graph)
         cmd = trtexec_command(spec.file, engine_file(precision, graph), profiles[graph], workspace_gb, cache)
@@ -249,6 +248,7 @@ def build_engines(cfg: BuildConfig, log: Callable[[str], None] = print) -> Build
         if cfg.register:
             if not final.is_file():
                 raise InputError(f"{final}: no engine to register; run {script.name} on the device first")
+            check_engine_profiles(trt, final, profiles[graph])
             built[graph] = final
             continue
         t0 = time.perf_counter()
@@ -267,21 +267,40 @@ def build_engines(cfg: BuildConfig, log: Callable[[str], None] = print) -> Build
 
 def _publish(bundle: Path, manifest: Manifest, precision: str, engines: tuple[EngineSpec, ...], script: Path,
              staged: dict[str, Path] | None = None) -> Manifest:
-    """Atomic at each step: first forget the old engines, then move the new files in, then list them."""
-    old_files = {e.file for e in manifest.variants[precision].engines}
-    files = {k: v for k, v in manifest.files.items() if k not in old_files}
+    """Consistent at each step: forget the old engines first, then move the new files in, then list them."""
+    files = dict(manifest.files)
     variants = dict(manifest.variants)
-    if old_files and staged:
-        variants[precision] = dataclasses.replace(variants[precision], engines=())
-        write_manifest(bundle, dataclasses.replace(manifest, variants=variants, files=files))
-    for graph, path in (staged or {}).items():
-        final = bundle / engine_file(precision, graph)
-        if path != final:
-            os.replace(path, final)
-        files[engine_file(precision, graph)] = sha256_file(final)
-    files[script.name] = sha256_file(script)
     if staged:
+        old_files = {e.file for e in variants[precision].engines}
+        for f in old_files:
+            files.pop(f, None)
+        if old_files:
+            variants[precision] = dataclasses.replace(variants[precision], engines=())
+            write_manifest(bundle, dataclasses.replace(manifest, variants=variants, files=files))
+        for graph, path in staged.items():
+            final = bundle / engine_file(precision, graph)
+            if path != final:
+                os.replace(path, final)
+            files[engine_file(precision, graph)] = sha256_file(final)
         variants[precision] = dataclasses.replace(variants[precision], engines=engines)
+    files[script.name] = sha256_file(script)
     updated = dataclasses.replace(manifest, variants=variants, files=dict(sorted(files.items())))
     write_manifest(bundle, updated)
     return updated
+
+
+def check_engine_profiles(trt, path: Path, profiles: tuple[dict[str, Any], ...]) -> None:
+    """Deserialize an engine (so it loads with this TensorRT) and compare its profiles with the expected ones."""
+    engine = trt.Runtime(trt.Logger(trt.Logger.WARNING)).deserialize_cuda_engine(path.read_bytes())
+    if engine is None:
+        raise BuildError(f"{path}: this TensorRT ({trt.__version__}) cannot load the engine; rebuild it with the "
+                         "same TensorRT version as the runtime")
+    if engine.num_optimization_profiles != len(profiles):
+        raise BuildError(f"{path}: {engine.num_optimization_profiles} optimization profile(s), expected "
+                         f"{len(profiles)}; rerun the generated trtexec script")
+    for index, shapes in enumerate(profiles):
+        for name, expected in shapes.items():
+            got = [list(d) for d in engine.get_tensor_profile_shape(name, index)]
+            if got != [list(e) for e in expected]:
+                raise BuildError(f"{path}: profile {index} of {name} is {got}, expected {expected}; rerun the "
+                                 "generated trtexec script")

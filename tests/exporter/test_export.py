@@ -13,7 +13,7 @@ import tiny
 from exporter import bundle as bundle_mod
 from exporter.bundle import ExportConfig, export_bundle
 from exporter.trt_ops import unsupported_ops
-from posellm.checkpoint import save_locllm
+from posellm.checkpoint import CheckpointError, save_locllm
 from runtime.errors import BundleError, InputError
 from runtime.manifest import SCHEMA_VERSION, Manifest, load_manifest
 
@@ -125,7 +125,7 @@ def test_checkpoint_without_tokenizer_names_missing_files(tmp_path, tiny_checkpo
     shutil.copytree(tiny_checkpoint, ckpt)
     for f in ckpt.glob("tokenizer*"):
         f.unlink()
-    with pytest.raises(InputError, match=r"tokenizer\.json or tokenizer\.model"):
+    with pytest.raises(CheckpointError, match=r"no tokenizer: expected tokenizer\.json and/or tokenizer\.model"):
         export_bundle(ExportConfig(ckpt, tmp_path / "b", validate=False))
     assert not (tmp_path / "b").exists()
 

@@ -1,0 +1,190 @@
+"""TensorRT build: optimization profiles against the shapes the runtime really sends, the generated trtexec commands
+(no TensorRT needed), the runner's version refusal, and — where TensorRT and a GPU exist — build-and-run parity."""
+from __future__ import annotations
+
+import argparse
+import re
+import shutil
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import tiny
+from exporter import trt_cli
+from exporter.trt_build import BuildConfig, BuildError, build_engines, engine_profiles, trtexec_command
+from runtime.backends import open_runner
+from runtime.backends.base import GraphRunner
+from runtime.errors import BundleError, InputError
+from runtime.estimator import Estimator
+from runtime.manifest import EngineSpec, load_manifest
+
+BOXES = [[10.0, 20.0, 100.0, 150.0], [120.0, 30.0, 90.0, 200.0]]
+
+
+def _tensorrt_gpu() -> str | None:
+    """None when TensorRT, cuda-python and a GPU are usable; else why not (the skip reason)."""
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        return "tensorrt is not installed (pip install 'posellm-edge[tensorrt]')"
+    try:
+        from cuda.bindings import runtime as cudart
+    except ImportError:
+        try:
+            from cuda import cudart
+        except ImportError:
+            return "cuda-python is not installed"
+    err, count = cudart.cudaGetDeviceCount()
+    if err != cudart.cudaError_t.cudaSuccess or count == 0:
+        return "no CUDA GPU visible"
+    return None
+
+
+NO_TRT = _tensorrt_gpu()
+needs_trt = pytest.mark.skipif(NO_TRT is not None, reason=f"TensorRT build/run tests skipped: {NO_TRT}")
+
+
+@pytest.fixture
+def bundle(tmp_path, tiny_bundle) -> Path:
+    out = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle, out)
+    return out
+
+
+class _ShapeRecorder(GraphRunner):
+    def __init__(self, inner: GraphRunner) -> None:
+        self.inner, self.spec, self.check, self.shapes = inner, inner.spec, False, []
+
+    def run(self, inputs, keep_on_device=()):
+        self.shapes.append({k: tuple(np.shape(v)) for k, v in inputs.items()})
+        return self.inner(inputs, keep_on_device)
+
+    def repeat_rows(self, value, repeats):
+        return self.inner.repeat_rows(value, repeats)
+
+
+def _fits(shapes: dict, profile: dict) -> bool:
+    return all(all(lo <= s <= hi for lo, s, hi in zip(mn, shapes[n], mx)) for n, (mn, _, mx) in profile.items())
+
+
+def test_profiles_cover_every_shape_the_runtime_sends(tiny_bundle):
+    m = load_manifest(tiny_bundle)
+    profiles = engine_profiles(m, m.variants["fp16"], m.max_persons)
+    prefix = len(m.prompts.prefix_ids) + m.prompts.num_image_tokens
+    longest = max(len(k.suffix_ids) for k in m.prompts.keypoints)
+    rows = m.max_persons * 17
+    vision, = profiles["vision"]
+    assert vision["pixel_values"][0][0] == 1 and vision["pixel_values"][2][0] == m.max_persons
+    prefill, decode = profiles["decoder"]
+    assert prefill["inputs_embeds"][2][:2] == [rows, max(prefix, longest + 13)]
+    assert [prefill["past_key_values.0.key"][k][2] for k in range(3)] == [0, prefix, prefix]
+    assert decode["inputs_embeds"][0][1] == 1 and decode["inputs_embeds"][2][:2] == [rows, 4]
+    assert decode["past_key_values.1.value"][2][2] == m.max_context
+    for decoding in ("template", "free"):  # every decoder/vision call of a 3-person image fits a profile
+        est = Estimator(tiny_bundle, precision="fp16", decoding=decoding, threads=2)
+        est.vision = _ShapeRecorder(est.vision)
+        est.decoder.runner = rec = _ShapeRecorder(est.decoder.runner)
+        est.estimate(tiny.random_image(1), BOXES + [[50.0, 60.0, 80.0, 120.0]])
+        assert all(_fits(s, vision) for s in est.vision.shapes)
+        unfit = [s["inputs_embeds"] for s in rec.shapes if not any(_fits(s, p) for p in (prefill, decode))]
+        assert not unfit, f"{decoding}: decoder calls outside both profiles: {unfit}"
+        print(f"{decoding}: {len(rec.shapes)} decoder calls, all inside the prefill/decode profiles")
+
+
+def test_trtexec_command_format():
+    profiles = ({"x": [[1, 3], [2, 3], [4, 3]], "y.0": [[1, 0], [1, 5], [4, 5]]},
+                {"x": [[1, 1], [1, 1], [4, 1]], "y.0": [[1, 1], [1, 9], [4, 9]]})
+    cmd = trtexec_command("fp16/decoder.onnx", "fp16/decoder.plan", profiles, workspace_gb=1.5,
+                          timing_cache="/t/cache")
+    assert cmd == ["trtexec", "--onnx=fp16/decoder.onnx", "--saveEngine=fp16/decoder.plan", "--stronglyTyped",
+                   "--skipInference", "--memPoolSize=workspace:1536M", "--timingCacheFile=/t/cache",
+                   "--profile=0", "--minShapes=x:1x3,y.0:1x0", "--optShapes=x:2x3,y.0:1x5",
+                   "--maxShapes=x:4x3,y.0:4x5",
+                   "--profile=1", "--minShapes=x:1x1,y.0:1x1", "--optShapes=x:1x1,y.0:1x9",
+                   "--maxShapes=x:4x1,y.0:4x9"]
+    single = trtexec_command("a.onnx", "a.plan", profiles[:1])
+    assert "--profile=0" not in single and not any(c.startswith("--memPoolSize") for c in single)
+
+
+def test_commands_only_writes_trtexec_script_without_tensorrt(bundle, tmp_path):
+    parser = argparse.ArgumentParser()
+    trt_cli.add_arguments(parser)
+    args = parser.parse_args([str(bundle), "--precision", "fp16", "--commands-only", "--workspace", "2",
+                              "--timing-cache", str(tmp_path / "timing.cache"), "--max-persons", "2"])
+    assert trt_cli.run(args) == 0
+    script = bundle / "trtexec_fp16.sh"
+    text = script.read_text()
+    print(text)
+    assert subprocess.run(["sh", "-n", str(script)]).returncode == 0
+    assert text.count("--stronglyTyped") == 2 and not re.search(r"--(fp16|int8|bf16|best)\b", text)
+    assert "--onnx=fp16/vision.onnx" in text and "--saveEngine=fp16/decoder.plan" in text
+    assert "--profile=0" in text and "--profile=1" in text  # decoder: prefill + decode profiles
+    assert "--maxShapes=pixel_values:2x3x224x224" in text and "inputs_embeds:34x258x64" in text
+    assert f"--timingCacheFile={tmp_path / 'timing.cache'}" in text and "workspace:2048M" in text
+    m = load_manifest(bundle, verify=True)  # the script is listed with its sha256
+    assert "trtexec_fp16.sh" in m.files and m.variants["fp16"].engines == ()
+    with pytest.raises(BundleError, match="calibrate"):
+        build_engines(BuildConfig(bundle, "int8", commands_only=True))
+    with pytest.raises(InputError, match="exported range"):
+        build_engines(BuildConfig(bundle, "fp16", commands_only=True, max_persons=m.max_persons + 1))
+
+
+@pytest.mark.skipif(NO_TRT is None, reason="TensorRT is installed: the missing-TensorRT message is not reachable")
+def test_build_without_tensorrt_points_to_commands_only(bundle):
+    with pytest.raises(BuildError, match="--commands-only"):
+        build_engines(BuildConfig(bundle, "fp16"))
+    assert (bundle / "trtexec_fp16.sh").is_file()  # the commands are still written
+
+
+def test_trt_runner_refuses_engine_of_another_tensorrt_version(tiny_bundle, monkeypatch):
+    monkeypatch.setitem(sys.modules, "tensorrt", types.SimpleNamespace(__version__="10.99.0"))
+    m = load_manifest(tiny_bundle)
+    v = m.variants["fp16"]
+    engine = EngineSpec(graph="vision", file="fp16/vision.plan", tensorrt_version="10.3.0", profiles=())
+    with pytest.raises(BundleError, match=r"10\.3\.0.*10\.99\.0.*posellm-edge build <bundle> --precision fp16"):
+        open_runner("tensorrt", tiny_bundle, v.vision, engine)
+    with pytest.raises(InputError, match="posellm-edge build"):
+        open_runner("tensorrt", tiny_bundle, v.vision, None)
+
+
+# ------------------------------------------------------------------------------- TensorRT + GPU (skipped here)
+@needs_trt
+def test_build_register_and_run_fp16_engines(bundle, tmp_path):
+    result = build_engines(BuildConfig(bundle, "fp16", workspace_gb=2, timing_cache=tmp_path / "cache"))
+    print(f"TensorRT {result.tensorrt_version}: build seconds {result.seconds}")
+    m = load_manifest(bundle, verify=True)
+    engines = {e.graph: e for e in m.variants["fp16"].engines}
+    assert set(engines) == {"vision", "decoder"} and len(engines["decoder"].profiles) == 2
+    assert (tmp_path / "cache").is_file()
+    image = tiny.random_image(0)
+    trt = Estimator(bundle, precision="fp16", backend="tensorrt")
+    ort = Estimator(bundle, precision="fp16", threads=2)
+    px = np.stack([np.zeros((3, 224, 224), np.float32), np.ones((3, 224, 224), np.float32)])
+    a = trt.vision.to_numpy(trt.vision({"pixel_values": px})["image_embeds"]).astype(np.float32)
+    b = ort.vision({"pixel_values": px})["image_embeds"].astype(np.float32)
+    print(f"image_embeds TensorRT fp16 vs onnxruntime fp16: max|diff| {np.abs(a - b).max():.3e}")
+    assert np.abs(a - b).max() <= 2e-2 * max(1.0, np.abs(b).max())
+    for decoding in ("template", "free"):
+        got = Estimator(bundle, precision="fp16", backend="tensorrt", decoding=decoding).estimate(image, BOXES)
+        ref = Estimator(bundle, precision="fp16", decoding=decoding, threads=2).estimate(image, BOXES)
+        diff = max(np.abs(g.keypoints[:, :2] - r.keypoints[:, :2]).max() for g, r in zip(got, ref))
+        print(f"{decoding}: keypoints TensorRT vs onnxruntime max|diff| {diff:.3f} px")
+        assert len(got) == 2 and all(np.all(np.isfinite(g.keypoints)) for g in got)
+    again = build_engines(BuildConfig(bundle, "fp16", register=True))  # as after running trtexec_fp16.sh
+    assert again.engines == m.variants["fp16"].engines and load_manifest(bundle, verify=True)
+
+
+@needs_trt
+def test_build_int8_engines_from_qdq_graphs(bundle):
+    from calibration import CalibrationConfig, calibrate_bundle
+    coco = tiny.SHARED / "data" / "coco-mini"
+    calibrate_bundle(CalibrationConfig(bundle, coco / "person_keypoints.json", coco / "images", method="minmax",
+                                       samples=4, eval_persons=1))
+    result = build_engines(BuildConfig(bundle, "int8", workspace_gb=2))
+    print(f"int8 engines built in {result.seconds}")
+    got = Estimator(bundle, precision="int8", backend="tensorrt").estimate(tiny.random_image(0), BOXES)
+    assert len(got) == 2 and all(np.all(np.isfinite(g.keypoints)) for g in got)
