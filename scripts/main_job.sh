@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# The main job on the shipped small model: export → run (with a drawing) → calibrate int8 → eval → bench.
+# Creates .venv on first use; everything lands in $OUT (default: out/).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${VENV:-.venv}
+OUT=${OUT:-out}
+CKPT=models/posellm-small
+if [ ! -x "$VENV/bin/posellm-edge" ]; then
+  python3 -m venv "$VENV"
+  "$VENV/bin/python" -m pip install -q --upgrade pip
+  "$VENV/bin/python" -m pip install -q -e '.[export,bench]'
+fi
+PY="$VENV/bin/python"
+CLI="$VENV/bin/posellm-edge"
+mkdir -p "$OUT"
+start=$(date +%s)
+
+echo "== held-out synthetic val set (same generator and seed as the model's val set)"
+"$PY" -m posellm.data.synthetic --out "$OUT/val" --num-images "${VAL_IMAGES:-40}" --seed 2000
+ANN="$OUT/val/person_keypoints.json"
+IMAGES="$OUT/val/images"
+
+echo "== export (fp32 + fp16, validated against PyTorch)"
+"$CLI" export "$CKPT" "$OUT/bundle" --precision fp32,fp16 --max-persons 4 --overwrite
+
+echo "== calibrate int8 (vision W8A8, decoder weight-only int8)"
+"$CLI" calibrate "$OUT/bundle" --coco "$ANN" --images "$IMAGES" --samples 32
+
+echo "== run on one image, with a drawing"
+read -r IMG BOX < <("$PY" - "$ANN" <<'PY'
+import json, sys
+d = json.load(open(sys.argv[1]))
+a = d["annotations"][0]
+f = next(i["file_name"] for i in d["images"] if i["id"] == a["image_id"])
+print(f, ",".join(f"{v:.1f}" for v in a["bbox"]))
+PY
+)
+"$CLI" run "$OUT/bundle" --image "$IMAGES/$IMG" --box "$BOX" --draw "$OUT/sample.png" --json "$OUT/sample.json"
+
+echo "== eval: reference vs every variant (fp32, fp16, int8 × free, template)"
+"$CLI" eval --checkpoint "$CKPT" --bundle "$OUT/bundle" --coco "$ANN" --images "$IMAGES" --out "$OUT/eval.json"
+
+echo "== bench: latency / throughput / memory, reference baseline in the same run"
+"$CLI" bench "$OUT/bundle" --checkpoint "$CKPT" --coco "$ANN" --images "$IMAGES" --eval "$OUT/eval.json" \
+  --out "$OUT/bench.json" --plot "$OUT/bench.png"
+
+echo "== done in $(( $(date +%s) - start ))s: $OUT/{sample.png,eval.md,bench.json,bench.png}"
