@@ -88,6 +88,8 @@ def _dims(model: PoseLLM, k: int) -> Dims:
 def export_bundle(cfg: ExportConfig, log=print) -> ExportResult:
     start = time.perf_counter()
     out = Path(cfg.out_dir)
+    if not Path(cfg.checkpoint).exists():
+        raise InputError(f"checkpoint {cfg.checkpoint} does not exist")
     if out.exists() and not cfg.overwrite:
         raise InputError(f"{out} exists; pass --overwrite to replace it")
     tokenizer = bundle_tokenizer(Path(cfg.checkpoint))  # fails early, naming the missing tokenizer files

@@ -1,5 +1,7 @@
-"""`posellm-edge` — one console script; each subcommand lives with its package and is imported lazily, so an
-edge install (runtime only: no torch) can still `posellm-edge run`.
+"""posellm-edge: export, calibrate, build, run, evaluate and benchmark PoseLLM/LocLLM pose models.
+
+One console script; each subcommand lives with its package and is imported lazily, so an edge install (runtime
+only: no torch) can still `posellm-edge run`.
 """
 from __future__ import annotations
 
@@ -46,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         else:
             print(f"posellm-edge {args.command}: error: {exc}", file=sys.stderr)
-        return 2 if not args.debug else 1
+        return 2
 
 
 if __name__ == "__main__":
