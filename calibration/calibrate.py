@@ -108,7 +108,8 @@ def calibrate_bundle(cfg: CalibrationConfig, log: Callable[[str], None] = print)
             f"{cfg.decoder_dtype} activations) in {time.perf_counter() - t1:.1f}s")
         vision_spec = _int8_spec(fp32.vision, tmp / "vision.onnx")
         decoder_spec = _int8_spec(source.decoder, tmp / "decoder.onnx")
-        evaluation, decoder_data = _evaluate(manifest, bundle, fp32, crops.pixel_values[:cfg.eval_persons],
+        persons = min(cfg.eval_persons, fp32.vision.dynamic_ranges.get("batch", (1, cfg.eval_persons))[1])
+        evaluation, decoder_data = _evaluate(manifest, bundle, fp32, crops.pixel_values[:persons],
                                              tmp, vision_spec, decoder_spec, source.embedding, cfg.threads)
         for line in _format_evaluation(evaluation):
             log(line)

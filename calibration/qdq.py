@@ -23,13 +23,14 @@ import numpy as np
 import onnx
 from onnx import TensorProto, external_data_helper, helper, numpy_helper
 
+from runtime.errors import PoseLLMEdgeError
+
 QUANTIZED_OP_TYPES = ("MatMul", "Gemm", "Conv")
-WEIGHT_AXIS = {"MatMul": 1, "Gemm": 0, "Conv": 0}  # output channel of [in, out] / [out, in] (transB) / [out, ...]
 EXTERNAL_DATA_THRESHOLD = 1 << 30  # like the exporter: beyond ~1 GB of weights use one `.data` file (2 GB cap)
 DQ_FP16_OPSET = 19  # DequantizeLinear takes a float16 scale (and outputs float16) from opset 19
 
 
-class QuantizationError(RuntimeError):
+class QuantizationError(PoseLLMEdgeError, RuntimeError):
     """A graph could not be quantized into the Q/DQ form TensorRT and onnxruntime expect."""
 
 
@@ -75,7 +76,7 @@ def quantize_vision(src: Path, dst: Path, reader, method: str, percentile: float
             op_types_to_quantize=list(QUANTIZED_OP_TYPES), per_channel=True, reduce_range=False,
             activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
             calibrate_method=calibration_method(method), use_external_data_format=external_data,
-            extra_options=extra, calibration_cache_path=Path(scratch) / "ranges.json",
+            extra_options=extra,
         )
     problems = check_vision_qdq(onnx.load(str(dst), load_external_data=False))
     if problems:
@@ -185,6 +186,15 @@ def _init_array(inits: dict[str, TensorProto], name: str, base: str) -> np.ndarr
     return None if t is None else numpy_helper.to_array(t, base_dir=base)
 
 
+def _weight_axis(node: onnx.NodeProto) -> int:
+    """Output-channel axis of the weight operand: Conv [out, ...] 0; MatMul [in, out] 1; Gemm 0 if transB else 1."""
+    if node.op_type == "Conv":
+        return 0
+    if node.op_type == "Gemm":
+        return 0 if next((a.i for a in node.attribute if a.name == "transB"), 0) else 1
+    return 1
+
+
 def check_vision_qdq(model: onnx.ModelProto) -> list[str]:
     """Problems that keep a vision graph from being W8A8 as TensorRT expects; [] when every MatMul/Gemm/Conv
     reads both operands through int8 DequantizeLinear with zero point 0 (weights per output channel)."""
@@ -200,8 +210,7 @@ def check_vision_qdq(model: onnx.ModelProto) -> list[str]:
             if dq is None or dq.op_type != "DequantizeLinear":
                 problems.append(f"{node.name} input {slot} ({name}) is not dequantized")
                 continue
-            problems += _check_dq(dq, inits, graph, weight=dq.input[0] in inits,
-                                  axis=WEIGHT_AXIS[node.op_type] if dq.input[0] in inits else None)
+            problems += _check_dq(dq, inits, graph, weight=dq.input[0] in inits, axis=_weight_axis(node))
     return problems
 
 

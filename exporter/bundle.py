@@ -6,7 +6,7 @@ import os
 import resource
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +16,7 @@ from posellm.checkpoint import checkpoint_hash, load_checkpoint
 from posellm.model import PoseLLM
 from runtime.errors import InputError
 from runtime.keypoints import standard_keypoints
-from runtime.manifest import (SCHEMA_VERSION, Dims, KeypointPrompt, Manifest, Preprocess, Prompts, Variant,
+from runtime.manifest import (SCHEMA_VERSION, Dims, GraphSpec, KeypointPrompt, Manifest, Preprocess, Prompts, Variant,
                               sha256_file, write_manifest)
 from runtime.preprocess import CLIP_MEAN, CLIP_STD, DINO_MEAN, DINO_STD
 from runtime.prompts import DIGIT_POSITIONS, PromptTokenizer
@@ -168,8 +168,8 @@ def export_bundle(cfg: ExportConfig, log=print) -> ExportResult:
     return ExportResult(out, time.perf_counter() - start, peak_rss_mb(), validation, sizes)
 
 
-def _prefixed(spec, precision: str):
-    from dataclasses import replace
+def _prefixed(spec: GraphSpec, precision: str) -> GraphSpec:
+    """Graph files live in the precision's folder; the manifest names them relative to the bundle."""
     return replace(spec, file=f"{precision}/{spec.file}",
                    external_data=tuple(f"{precision}/{e}" for e in spec.external_data))
 

@@ -239,26 +239,32 @@ def build_engines(cfg: BuildConfig, log: Callable[[str], None] = print) -> Build
     log(f"wrote {script.name} (trtexec commands for the {cfg.precision} engines)")
     seconds: dict[str, float] = {}
     if cfg.commands_only:
-        manifest = _publish(bundle, manifest, cfg.precision, (), script)
+        _publish(bundle, manifest, cfg.precision, (), script)
         return BuildResult(bundle, cfg.precision, script, (), None, seconds)
     trt = import_tensorrt()
     built: dict[str, Path] = {}
-    for graph in GRAPHS:
-        final = bundle / engine_file(cfg.precision, graph)
-        if cfg.register:
-            if not final.is_file():
-                raise InputError(f"{final}: no engine to register; run {script.name} on the device first")
-            check_engine_profiles(trt, final, profiles[graph])
-            built[graph] = final
-            continue
-        t0 = time.perf_counter()
-        staged = final.with_name(final.name + ".new")
-        build_engine(bundle / getattr(variant, graph).file, staged, profiles[graph], cfg.workspace_gb,
-                     cfg.timing_cache)
-        seconds[graph] = time.perf_counter() - t0
-        built[graph] = staged
-        log(f"built {final.relative_to(bundle)} (TensorRT {trt.__version__}, strongly typed, "
-            f"{len(profiles[graph])} profile(s)) in {seconds[graph]:.1f}s")
+    try:
+        for graph in GRAPHS:
+            final = bundle / engine_file(cfg.precision, graph)
+            if cfg.register:
+                if not final.is_file():
+                    raise InputError(f"{final}: no engine to register; run {script.name} on the device first")
+                check_engine_profiles(trt, final, profiles[graph])
+                built[graph] = final
+                continue
+            t0 = time.perf_counter()
+            staged = final.with_name(final.name + ".new")
+            built[graph] = staged
+            build_engine(bundle / getattr(variant, graph).file, staged, profiles[graph], cfg.workspace_gb,
+                         cfg.timing_cache)
+            seconds[graph] = time.perf_counter() - t0
+            log(f"built {final.relative_to(bundle)} (TensorRT {trt.__version__}, strongly typed, "
+                f"{len(profiles[graph])} profile(s)) in {seconds[graph]:.1f}s")
+    except BaseException:
+        for path in built.values():
+            if path.name.endswith(".new"):
+                path.unlink(missing_ok=True)
+        raise
     engines = tuple(EngineSpec(graph=g, file=engine_file(cfg.precision, g), tensorrt_version=trt.__version__,
                                profiles=profiles[g]) for g in GRAPHS)
     _publish(bundle, manifest, cfg.precision, engines, script, staged=built)

@@ -188,3 +188,149 @@ def test_build_int8_engines_from_qdq_graphs(bundle):
     print(f"int8 engines built in {result.seconds}")
     got = Estimator(bundle, precision="int8", backend="tensorrt").estimate(tiny.random_image(0), BOXES)
     assert len(got) == 2 and all(np.all(np.isfinite(g.keypoints)) for g in got)
+
+
+# ------------------------------------------------- TrtRunner logic against a stand-in TensorRT (no GPU needed)
+class _FakeCudart:
+    """Host memory standing in for device memory (ctypes), with the cuda-python call conventions."""
+
+    class cudaError_t:  # noqa: N801
+        cudaSuccess = "cudaSuccess"
+
+    class cudaMemcpyKind:  # noqa: N801
+        cudaMemcpyHostToDevice, cudaMemcpyDeviceToHost, cudaMemcpyDeviceToDevice = 1, 2, 3
+
+    def __init__(self):
+        import ctypes
+        self.ctypes, self.buffers, self.copies = ctypes, {}, 0
+
+    def cudaMalloc(self, n):  # noqa: N802
+        buf = self.ctypes.create_string_buffer(n)
+        self.buffers[self.ctypes.addressof(buf)] = buf
+        return self.cudaError_t.cudaSuccess, self.ctypes.addressof(buf)
+
+    def cudaFree(self, ptr):  # noqa: N802
+        self.buffers.pop(ptr, None)
+        return (self.cudaError_t.cudaSuccess,)
+
+    def cudaMemcpyAsync(self, dst, src, n, kind, stream):  # noqa: N802
+        self.ctypes.memmove(dst, src, n)
+        self.copies += 1
+        return (self.cudaError_t.cudaSuccess,)
+
+    def cudaStreamCreate(self):  # noqa: N802
+        return self.cudaError_t.cudaSuccess, 7
+
+    def cudaStreamSynchronize(self, stream):  # noqa: N802
+        return (self.cudaError_t.cudaSuccess,)
+
+    cudaStreamDestroy = cudaSetDevice = cudaStreamSynchronize
+
+
+def _fake_tensorrt(version: str, onnx_path: Path, profiles: tuple):
+    """A stand-in `tensorrt` whose engine runs the ONNX graph with onnxruntime on the fake device memory."""
+    import ctypes
+
+    import onnxruntime as ort
+    session = ort.InferenceSession(str(onnx_path))
+    names_in = [i.name for i in session.get_inputs()]
+    names_out = [o.name for o in session.get_outputs()]
+    onnx_types = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int64)": "int64"}
+    dtypes = {i.name: np.dtype(onnx_types[i.type]) for i in session.get_inputs() + session.get_outputs()}
+
+    class Context:
+        def __init__(self):
+            self.shapes, self.addr, self.out, self.profile = {}, {}, None, 0
+
+        def set_optimization_profile_async(self, index, stream):
+            self.profile = index
+            return True
+
+        def set_input_shape(self, name, shape):
+            lo, _, hi = profiles[self.profile][name]
+            self.shapes[name], self.out = tuple(shape), None
+            return all(a <= s <= b for a, s, b in zip(lo, shape, hi))
+
+        def set_tensor_address(self, name, ptr):
+            self.addr[name] = ptr
+
+        def _read(self, name):
+            n = int(np.prod(self.shapes[name])) * dtypes[name].itemsize
+            return np.frombuffer(ctypes.string_at(self.addr[name], n), dtypes[name]).reshape(self.shapes[name])
+
+        def get_tensor_shape(self, name):
+            if self.out is None:
+                self.out = dict(zip(names_out, session.run(None, {k: self._read(k) for k in names_in})))
+            return self.out[name].shape
+
+        def execute_async_v3(self, stream):
+            for name in names_out:
+                a = np.ascontiguousarray(self.out[name])
+                ctypes.memmove(self.addr[name], a.ctypes.data, a.nbytes)
+            self.out = None
+            return True
+
+    class Engine:
+        num_io_tensors = len(names_in) + len(names_out)
+        num_optimization_profiles = len(profiles)
+        contexts = []
+
+        def get_tensor_name(self, i):
+            return (names_in + names_out)[i]
+
+        def get_tensor_mode(self, name):
+            return "INPUT" if name in names_in else "OUTPUT"
+
+        def get_tensor_dtype(self, name):
+            return dtypes[name]
+
+        def get_tensor_profile_shape(self, name, index):
+            return profiles[index][name]
+
+        def create_execution_context(self, strategy=None):
+            self.contexts.append(Context())
+            return self.contexts[-1]
+
+    class Logger:
+        WARNING = 2
+
+        def __init__(self, level):
+            self.level = level
+
+    engine = Engine()
+    return types.SimpleNamespace(
+        __version__=version, Logger=Logger, TensorIOMode=types.SimpleNamespace(INPUT="INPUT"),
+        ExecutionContextAllocationStrategy=types.SimpleNamespace(ON_PROFILE_CHANGE="ON_PROFILE_CHANGE"),
+        Runtime=lambda logger: types.SimpleNamespace(deserialize_cuda_engine=lambda data: engine),
+        nptype=np.dtype, engine=engine)
+
+
+def test_trt_runner_logic_with_stand_in_tensorrt(bundle, monkeypatch):
+    """Profile choice per call (prefill vs decode context), device-resident KV cache, GPU-side repeat_rows,
+    int64 inputs: the Estimator on TrtRunner matches onnxruntime exactly (same graphs behind the stand-in)."""
+    import runtime.backends.tensorrt as trt_backend
+    m = load_manifest(bundle)
+    v = m.variants["fp16"]
+    profiles = engine_profiles(m, v, m.max_persons)
+    fakes = {g: _fake_tensorrt("10.3.0", bundle / getattr(v, g).file, profiles[g]) for g in ("vision", "decoder")}
+    cudart = _FakeCudart()
+    monkeypatch.setattr(trt_backend, "_import_cudart", lambda: cudart)
+    runners = {}
+    for g in ("vision", "decoder"):
+        (bundle / f"fp16/{g}.plan").write_bytes(b"stand-in")
+        monkeypatch.setitem(sys.modules, "tensorrt", fakes[g])
+        spec = EngineSpec(graph=g, file=f"fp16/{g}.plan", tensorrt_version="10.3.0", profiles=profiles[g])
+        runners[g] = open_runner("tensorrt", bundle, getattr(v, g), spec)
+    est = Estimator(bundle, precision="fp16", threads=2)
+    ref = est.estimate(tiny.random_image(2), BOXES)
+    est.vision, est.decoder.runner = runners["vision"], runners["decoder"]
+    got = est.estimate(tiny.random_image(2), BOXES)
+    for g, r in zip(got, ref):
+        assert np.array_equal(g.keypoints, r.keypoints)
+    assert len(fakes["decoder"].engine.contexts) == 2  # one context per profile: prefill and decode
+    assert {c.profile for c in fakes["decoder"].engine.contexts} == {0, 1}
+    kv = runners["decoder"].upload(np.arange(2 * 3 * 4, dtype=np.float16).reshape(2, 3, 4), np.float16)
+    rep = runners["decoder"].repeat_rows(kv, 5)
+    assert np.array_equal(rep.numpy(), np.repeat(kv.numpy(), 5, axis=0))
+    with pytest.raises(InputError, match="fit none of the engine's optimization profiles"):
+        runners["vision"].profile_for({"pixel_values": (m.max_persons + 1, 3, 224, 224)})
