@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
 OUT=${OUT:-out}
-CKPT=models/posellm-small
+CKPT=${CKPT:-models/posellm-small}
 if [ ! -x "$VENV/bin/posellm-edge" ]; then
   python3 -m venv "$VENV"
   "$VENV/bin/python" -m pip install -q --upgrade pip
