@@ -207,14 +207,16 @@ def plot(results: list[dict], out: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
     pts = [r for r in results if "AP" in r]
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for r in pts or results:
-        y = r.get("AP", 0.0)
-        ax.scatter(r["ms_per_person"]["p50"], y, s=40, marker="s" if r["name"] == "reference" else "o")
-        ax.annotate(r["name"], (r["ms_per_person"]["p50"], y), textcoords="offset points", xytext=(4, 4),
-                    fontsize=8)
+        ax.scatter(r["ms_per_person"]["p50"], r.get("AP", 0.0), s=45, label=r["name"],
+                   marker="s" if r["name"] == "reference" else "o")
     ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    ax.legend(fontsize=8, loc="best")
     ax.set_xlabel("ms / person (p50, log scale)")
     ax.set_ylabel("COCO keypoint AP" if pts else "AP (no eval report given)")
     ax.set_title("posellm-edge: accuracy vs speed")
