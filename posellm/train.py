@@ -22,14 +22,17 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-import numpy as np
+# Sleeping (not spinning) OpenMP workers: on a shared 2-core machine spinning threads slow a step 3-6x whenever
+# another process is busy. Only effective before torch is first imported (python -m posellm.train).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch
 
-from runtime.preprocess import CLIP_MEAN, CLIP_STD, Crop, crop_at_center_scale
+from runtime.preprocess import CLIP_MEAN, CLIP_STD
 from runtime.prompts import PromptTokenizer
 
 from .checkpoint import load_checkpoint, save_native
@@ -62,6 +65,7 @@ class TrainConfig:
     lora_r: int = 8
     lora_alpha: float = 16.0
     lora_dropout: float = 0.05
+    llm_init_std: float = 0.0  # >0: re-initialise the LLM's linear and embedding weights N(0, std); 0 = HF 0.02
     # data
     data_dir: str = "/tmp/posellm-synth"
     train_images: int = 4000
@@ -75,21 +79,25 @@ class TrainConfig:
     batch_size: int = 16
     weight_decay: float = 0.05
     grad_clip: float = 1.0
+    vision: PhaseConfig = PhaseConfig(steps=0)  # optional ViT warm-up (0 steps = none)
+    vision_batch_size: int = 64
+    pointer_weight: float = 0.0  # base phase: attention supervision (see lm_loss); 0 = plain cross-entropy
+    pointer_layer: int = 1
     base: PhaseConfig = PhaseConfig(steps=1000)
     finetune: PhaseConfig = PhaseConfig(steps=200, lr=5e-4)
     log_every: int = 10
     threads: int = 2
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
         data = dict(data)
-        for key in ("base", "finetune"):
+        for key in ("vision", "base", "finetune"):
             if key in data:
                 data[key] = _strict(PhaseConfig, data[key], key)
         return _strict(cls, data, "train config")
 
     @classmethod
-    def load(cls, path: str | Path) -> "TrainConfig":
+    def load(cls, path: str | Path) -> TrainConfig:
         return cls.from_dict(json.loads(Path(path).read_text()))
 
     def to_dict(self) -> dict[str, Any]:
@@ -109,17 +117,17 @@ class TrainConfig:
 
 
 class Log:
-    """Append-only text log (flushed per line), echoed to stdout."""
+    """Append-only text log (one open/append per line, so it survives a crash), echoed to stdout."""
 
     def __init__(self, path: Path | None) -> None:
-        self.file = open(path, "a") if path is not None else None
+        self.path = path
 
     def __call__(self, msg: str) -> None:
         line = f"[{time.strftime('%H:%M:%S')}] {msg}"
         print(line, flush=True)
-        if self.file:
-            self.file.write(line + "\n")
-            self.file.flush()
+        if self.path is not None:
+            with open(self.path, "a") as f:
+                f.write(line + "\n")
 
 
 def lr_at(progress: float, peak: float, warmup_frac: float) -> float:
@@ -138,15 +146,17 @@ def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> to
                               {"params": rest, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.999))
 
 
-def train_phase(model: PoseLLM, sampler: Sampler, phase: PhaseConfig, cfg: TrainConfig, log: Callable[[str], None],
-                name: str) -> list[float]:
-    """One phase of AdamW on the parameters that require grad; returns the loss per step."""
+def train_phase(model: torch.nn.Module, loss_fn: Callable[[], Any], phase: PhaseConfig, cfg: TrainConfig,
+                log: Callable[[str], None], name: str) -> list[float]:
+    """One phase of AdamW on model's parameters that require grad; loss_fn draws a batch and returns its loss
+    (or (loss, cross-entropy part), logged as `ce`)."""
     model.train()
     opt = make_optimizer(model, phase.lr, cfg.weight_decay)
     trainable = [p for p in model.parameters() if p.requires_grad]
     log(f"{name}: {sum(p.numel() for p in trainable):,} trainable of {sum(p.numel() for p in model.parameters()):,}"
         f" params; {phase.steps} steps, cap {phase.minutes} min, peak lr {phase.lr}")
     losses: list[float] = []
+    ces: list[float] = []
     start = time.perf_counter()
     step = 0
     while step < phase.steps:
@@ -158,21 +168,69 @@ def train_phase(model: PoseLLM, sampler: Sampler, phase: PhaseConfig, cfg: Train
         lr = lr_at(progress, phase.lr, phase.warmup_frac)
         for group in opt.param_groups:
             group["lr"] = lr
-        batch = sampler.batch(cfg.batch_size)
-        loss = model(**batch).loss
+        loss = loss_fn()
+        if isinstance(loss, tuple):  # (total, main cross-entropy part)
+            loss, ce = loss
+            ces.append(float(ce))
         loss.backward()
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         step += 1
         if step % cfg.log_every == 0 or step == phase.steps:
-            recent = losses[-cfg.log_every:]
-            log(f"{name} step {step:5d}  loss {sum(recent) / len(recent):.4f}  lr {lr:.2e}  "
+            recent, ce = losses[-cfg.log_every:], ces[-cfg.log_every:]
+            ce_text = f"  ce {sum(ce) / len(ce):.4f}" if ce else ""
+            log(f"{name} step {step:5d}  loss {sum(recent) / len(recent):.4f}{ce_text}  lr {lr:.2e}  "
                 f"{time.perf_counter() - start:7.1f}s")
     log(f"{name}: done, {step} steps in {(time.perf_counter() - start) / 60:.2f} min")
     return losses
+
+
+def lm_loss(model: PoseLLM, sampler: Sampler, cfg: TrainConfig, pointer_weight: float = 0.0
+            ) -> Callable[[], Any]:
+    """Answer-only cross-entropy of a fresh multi-round batch (HF shifts the labels).
+
+    pointer_weight > 0 (needs eager attention) adds an attention-supervision term: at every row that predicts an
+    answer token, head 0 of LLM layer `pointer_layer` should put its attention on the image tokens as the bilinear
+    splat of that round's keypoint over the patch grid (cross-entropy). It forms the "look up keypoint k" circuit
+    that plain cross-entropy only finds after a long plateau; the fine-tune phase uses plain cross-entropy.
+    """
+    def loss() -> torch.Tensor:
+        batch = sampler.batch(cfg.batch_size, pointer=pointer_weight > 0)
+        if pointer_weight <= 0:
+            return model(**batch).loss
+        rows, target = batch.pop("pointer_rows"), batch.pop("pointer_target")
+        mask = batch["attention_mask"]
+        out = model.llm(inputs_embeds=model.embed(batch["input_ids"], model.encode_image(batch["pixel_values"])),
+                        attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+                        labels=batch["labels"], use_cache=False, output_attentions=True)
+        start = sampler.builder.image_start
+        attn = out.attentions[cfg.pointer_layer][rows[:, 0], 0, rows[:, 1], start:start + target.shape[1]]
+        pointer = -(target * torch.log(attn + 1e-6)).sum(-1).mean()
+        return out.loss + pointer_weight * pointer, out.loss.detach()
+    return loss
+
+
+def heatmap_loss(model: PoseLLM, heads: torch.nn.ModuleList, sampler: Sampler, batch_size: int
+                 ) -> Callable[[], torch.Tensor]:
+    """Vision warm-up on the patch tokens: per keypoint, cross-entropy of a softmax over the patches against the
+    bilinear splat (heads[0]) + 10 × L1 of each token's own patch centre / crop (heads[1]), so that a token the LLM
+    attends to also tells it *where* it is (values carry no RoPE position)."""
+    patch = model.cfg.vision.patch_size
+    grid = model.cfg.grid
+    ij = torch.stack(torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="xy"), -1).reshape(-1, 2)
+    centres = (ij.float() + 0.5) / grid  # [patches, 2] as (x, y), row-major like the tokens
+
+    def loss() -> tuple[torch.Tensor, torch.Tensor]:
+        pixels, target, _ = sampler.heatmap_batch(batch_size, patch)
+        tokens = model.vision_model(pixels)
+        logp = heads[0](tokens).transpose(1, 2).log_softmax(-1)  # [B, 17, patches]
+        labelled = target.sum(-1) > 0
+        heat = -(target * logp).sum(-1)[labelled].mean()
+        return heat + 10.0 * (heads[1](tokens) - centres).abs().mean(), heat.detach()
+    return loss
 
 
 def enable_lora(base: PoseLLM, cfg: TrainConfig) -> PoseLLM:
@@ -197,11 +255,11 @@ def evaluate(model: PoseLLM, ptok: PromptTokenizer, dataset_dir: Path) -> dict[s
     from .train_data import ANNOTATION_FILE
     data = PersonSet(dataset_dir)
     est = ReferenceEstimator(model, ptok)
-    results = []
+    by_image: dict[str, list] = {}
     for rec in data.persons:
-        px = crop_at_center_scale(data.images[rec.file_name], rec.center, rec.scale, est.crop_spec)
-        crop = Crop(px, rec.center, rec.scale, rec.box)
-        results.append(est.estimate_crops(px[None], [crop], [rec.box])[0].to_coco(rec.image_id))
+        by_image.setdefault(rec.file_name, []).append(rec)
+    results = [res.to_coco(recs[0].image_id) for name, recs in by_image.items()
+               for res in est.estimate_records(data.images[name], recs)]
     with contextlib.redirect_stdout(io.StringIO()):
         gt = COCO(str(dataset_dir / ANNOTATION_FILE))
         ev = COCOeval(gt, gt.loadRes(results), "keypoints")
@@ -237,9 +295,22 @@ def run(cfg: TrainConfig, out: Path, work: Path, base_dir: Path | None = None) -
 
     if base_dir is None:
         torch.manual_seed(cfg.seed)
-        model = PoseLLM(mcfg, attn_implementation="sdpa")
+        model = PoseLLM(mcfg, attn_implementation="eager" if cfg.pointer_weight > 0 else "sdpa")
+        if cfg.llm_init_std > 0:
+            with torch.no_grad():
+                for module in model.llm.modules():
+                    if isinstance(module, (torch.nn.Linear, torch.nn.Embedding)):
+                        module.weight.normal_(0.0, cfg.llm_init_std)
+        if cfg.vision.steps > 0:  # stand-in for DINOv2 pretraining: a dense keypoint objective on the ViT alone
+            t = time.perf_counter()
+            heads = torch.nn.ModuleList([torch.nn.Linear(cfg.vit_dim, 17), torch.nn.Linear(cfg.vit_dim, 2)])
+            sampler = Sampler(data, builder, aug, CLIP_MEAN, CLIP_STD, cfg.seed + 2)
+            train_phase(torch.nn.ModuleList([model.vision_model, heads]),
+                        heatmap_loss(model, heads, sampler, cfg.vision_batch_size), cfg.vision, cfg, log, "vision")
+            summary["vision_minutes"] = round((time.perf_counter() - t) / 60, 2)
         t = time.perf_counter()
-        train_phase(model, Sampler(data, builder, aug, CLIP_MEAN, CLIP_STD, cfg.seed), cfg.base, cfg, log, "base")
+        sampler = Sampler(data, builder, aug, CLIP_MEAN, CLIP_STD, cfg.seed)
+        train_phase(model, lm_loss(model, sampler, cfg, cfg.pointer_weight), cfg.base, cfg, log, "base")
         summary["base_minutes"] = round((time.perf_counter() - t) / 60, 2)
         base_dir = save_native(model, work / "base", tok_dir, overwrite=True)
         summary["base_val"] = evaluate(model, ptok, val_dir)
@@ -249,8 +320,8 @@ def run(cfg: TrainConfig, out: Path, work: Path, base_dir: Path | None = None) -
         model = load_checkpoint(base_dir)
     model = enable_lora(model, cfg)
     t = time.perf_counter()
-    train_phase(model, Sampler(data, builder, aug, CLIP_MEAN, CLIP_STD, cfg.seed + 1), cfg.finetune, cfg, log,
-                "finetune")
+    sampler = Sampler(data, builder, aug, CLIP_MEAN, CLIP_STD, cfg.seed + 1)
+    train_phase(model, lm_loss(model, sampler, cfg), cfg.finetune, cfg, log, "finetune")
     summary["finetune_minutes"] = round((time.perf_counter() - t) / 60, 2)
     model.eval()
     _save_into(model, out, tok_dir)
