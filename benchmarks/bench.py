@@ -20,7 +20,7 @@ from runtime.estimator import Estimator, EstimatorConfig
 from runtime.manifest import sha256_file
 from runtime.preprocess import load_image
 
-from .evaluate import write_json
+from runtime.results import write_json
 
 STAGES = ("preprocess", "vision", "prefix_prefill", "suffix_prefill", "decode")
 

@@ -3,8 +3,6 @@ token agreement with the reference and pixel error, as JSON + a Markdown table.
 """
 from __future__ import annotations
 
-import json
-import os
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -16,6 +14,7 @@ from runtime.coco import read_coco_persons
 from runtime.estimator import Estimator, EstimatorConfig
 from runtime.keypoints import KEYPOINT_NAMES
 from runtime.preprocess import load_image
+from runtime.results import write_json
 
 from .coco_metrics import METRICS, coco_keypoint_metrics
 
@@ -136,11 +135,3 @@ def markdown_table(report: dict) -> str:
 
 def _fmt(v) -> str:
     return f"{v:.3f}" if isinstance(v, float) else str(v)
-
-
-def write_json(path: Path, data: dict) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1) + "\n")
-    os.replace(tmp, path)

@@ -35,7 +35,7 @@ from runtime.backends.base import Stopwatch
 from runtime.preprocess import crop_persons, ensure_rgb
 from runtime.prompts import PromptTokenizer
 
-from .evaluate import write_json
+from runtime.results import write_json
 
 GIB = float(1 << 30)
 STAGES = ("preprocess", "vision", "prefix_prefill", "suffix_prefill", "decode")

@@ -10,6 +10,7 @@ import torch
 from transformers import GenerationConfig
 
 from runtime.answer import parse_answer, step_confidences
+from runtime.decoding import until_eos
 from runtime.keypoints import standard_keypoints
 from runtime.preprocess import (CLIP_MEAN, CLIP_STD, DINO_MEAN, DINO_STD, CropSpec, crop_at_center_scale,
                                 crop_persons, ensure_rgb)
@@ -68,7 +69,7 @@ class ReferenceEstimator:
         steps = torch.stack(out.scores[:-1], dim=1).float().numpy() if len(out.scores) > 1 else \
             np.zeros((len(self.prompts), 0, 1), np.float32)
         conf = np.stack([step_confidences(s) for s in steps]) if steps.shape[1] else np.zeros((len(new), 0))
-        tokens = [_until_eos(t, self.tok.special.eos) for t in new]
+        tokens = [until_eos(t, self.tok.special.eos) for t in new]
         return Generation(tokens=tokens, texts=[self.tok.decode(t) for t in tokens], conf=conf)
 
     def _estimate(self, pixel_values: np.ndarray, affines: list, boxes) -> list[PersonResult]:
@@ -92,6 +93,3 @@ class ReferenceEstimator:
         pixel_values = np.stack([crop_at_center_scale(rgb, r.center, r.scale, self.crop_spec) for r in records])
         return self._estimate(pixel_values, [(r.center, r.scale) for r in records], [r.box for r in records])
 
-
-def _until_eos(ids: list[int], eos: int) -> list[int]:
-    return ids[: ids.index(eos) + 1] if eos in ids else ids

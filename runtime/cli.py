@@ -2,9 +2,7 @@
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import os
 from collections import OrderedDict
 from pathlib import Path
 
@@ -15,6 +13,7 @@ from .errors import InputError
 from .estimator import DECODINGS, Estimator, EstimatorConfig
 from .preprocess import load_image
 from .prompts import parse_keypoint_spec
+from .results import write_json
 
 
 def parse_box(text: str) -> tuple[float, float, float, float]:
@@ -45,12 +44,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, help="batch mode: COCO results JSON")
 
 
-def _write_json(path: Path, data) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1) + "\n")
-    os.replace(tmp, path)  # atomic: never a half-written report
-
-
 def run(args: argparse.Namespace) -> int:
     cfg = EstimatorConfig(precision=args.precision, backend=args.backend, decoding=args.decoding,
                           max_batch=args.max_batch, threads=args.threads)
@@ -68,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
     payload = {"image": str(args.image), "precision": cfg.precision, "decoding": cfg.decoding,
                "persons": [r.to_json() for r in results]}
     if args.json:
-        _write_json(args.json, payload)
+        write_json(args.json, payload)
     if args.draw:
         draw_results(image, results, args.draw)
     for i, r in enumerate(results):
@@ -93,7 +86,7 @@ def run_coco(estimator: Estimator, ann: Path, image_dir: Path, out: Path) -> int
     for rec in read_coco_persons(ann):
         by_image.setdefault(rec.image_id, []).append(rec)
     predictions = predict_coco(estimator, by_image, image_dir)
-    _write_json(out, predictions)
+    write_json(out, predictions)
     print(f"{len(predictions)} person results for {len(by_image)} images written to {out}")
     return 0
 

@@ -20,7 +20,7 @@ from .manifest import Manifest
 
 @dataclass(frozen=True)
 class Decoded:
-    """Per sequence (person-major, keypoint-minor): generated ids, decoded text, parsed answer."""
+    """Per sequence (person-major, keypoint-minor): generated ids and the parsed answer (text inside)."""
 
     tokens: list[list[int]]
     answers: list[KeypointAnswer]
@@ -111,7 +111,7 @@ class Decoder:
         out_tokens, answers = [], []
         for n in range(persons):
             rows = slice(n * q, (n + 1) * q)
-            seqs = [_until(list(map(int, g)), eos) for g in gen[rows]]
+            seqs = [until_eos(list(map(int, g)), eos) for g in gen[rows]]
             length = min(steps, max(len(s) for s in seqs))  # this person's generate() length
             for s, c in zip(seqs, conf[rows]):
                 out_tokens.append(s)
@@ -171,5 +171,6 @@ class Decoder:
         return Decoded(out_tokens, answers)
 
 
-def _until(ids: list[int], eos: int) -> list[int]:
+def until_eos(ids: list[int], eos: int) -> list[int]:
+    """Generated ids up to and including the first EOS (what the reference decodes)."""
     return ids[: ids.index(eos) + 1] if eos in ids else ids

@@ -1,7 +1,10 @@
 """Per-person results: keypoints back-projected to the image, LocLLM instance score, COCO result entries."""
 from __future__ import annotations
 
+import json
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -47,3 +50,12 @@ def person_result(box, center: np.ndarray, scale: np.ndarray, crop_size: int, na
         answers=tuple(a.text for a in answers), flags=tuple(a.flag for a in answers),
         tokens=tuple(tuple(int(t) for t in ids) for ids in (tokens or [])),
     )
+
+
+def write_json(path: str | Path, data) -> None:
+    """Write atomically (temp file + rename): a report is never half-written."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1) + "\n")
+    os.replace(tmp, path)
