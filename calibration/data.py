@@ -108,9 +108,6 @@ class RecordingRunner(GraphRunner):
         self.calls.append({k: np.array(inputs[k]) for k in self.RECORDED})
         return self.inner(inputs, keep_on_device)
 
-    def repeat_rows(self, value: Any, repeats: int) -> Any:
-        return self.inner.repeat_rows(value, repeats)
-
     def to_numpy(self, value: Any) -> np.ndarray:
         return self.inner.to_numpy(value)
 

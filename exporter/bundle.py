@@ -131,7 +131,8 @@ def export_bundle(cfg: ExportConfig, log=print) -> ExportResult:
             vspec = export_vision(vision, vdir / "vision.onnx", model.cfg.crop_size, cfg.max_persons)
             dspec = export_decoder(DecoderGraph(model, cfg.logits_positions), vdir / "decoder.onnx", dtype,
                                    c.hidden_size, c.num_key_value_heads, c.head_dim, c.num_hidden_layers,
-                                   cfg.max_persons * len(prompts.keypoints), max_seq, max_context)
+                                   cfg.max_persons, cfg.max_persons * len(prompts.keypoints), max_seq, prefix_len,
+                                   max_context)
             variants[precision] = Variant(
                 precision=precision, embedding=emb,
                 vision=_prefixed(vspec, precision), decoder=_prefixed(dspec, precision))

@@ -67,7 +67,17 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 class DecoderGraph(nn.Module):
-    """(inputs_embeds, attention_mask, position_ids, past k/v × layers) → (logits[:, -K:], present k/v × layers)."""
+    """(inputs_embeds, attention_mask, position_ids, prefix k/v × layers, past k/v × layers)
+    → (logits[:, -K:], present k/v × layers).
+
+    Shared-prefix attention: the batch holds `persons` groups of `batch / persons` consecutive rows (one person's
+    keypoint queries), and every row of a group attends to the group's one copy of the prefix K/V (prompt prefix +
+    image tokens, `[persons, kv_heads, prefix, D]`) before its own past/new tokens. The prefix is never repeated per
+    row, so nothing scales with keypoints × prefix length except the attention itself, and the prefix scores of a
+    group are one matmul. The prefix prefill is a call with an empty prefix (persons = batch); its `present` is
+    then passed as the prefix of every later call. `attention_mask` and `present` cover only the non-prefix tokens
+    (the prefix is never padded: its length is fixed by the model).
+    """
 
     def __init__(self, model: PoseLLM, logits_positions: int) -> None:
         super().__init__()
@@ -85,46 +95,70 @@ class DecoderGraph(nn.Module):
                                              / self.head_dim))
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
+    def _kv(self, t: torch.Tensor) -> torch.Tensor:
+        """K/V heads repeated for grouped-query attention."""
+        if self.num_kv_heads == self.num_heads:
+            return t
+        return t.repeat_interleave(self.num_heads // self.num_kv_heads, dim=1)
+
     def forward(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
-                *past: torch.Tensor):
+                *kv: torch.Tensor):
+        n_layers = len(self.layers)
+        prefix, past = kv[:2 * n_layers], kv[2 * n_layers:]
         dtype = inputs_embeds.dtype
         bsz, seq = inputs_embeds.shape[:2]
+        persons, prefix_len = prefix[0].shape[0], prefix[0].shape[2]
         past_len = past[0].shape[2]
+        heads, hd = self.num_heads, self.head_dim
         # RoPE in fp32 like transformers, then cast to the activation dtype.
         freqs = position_ids.float()[:, :, None] * self.inv_freq[None, None, :]
         emb = torch.cat((freqs, freqs), dim=-1)
         cos, sin = emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]
-        # Additive mask [B,1,S,P+S]: causal over the new tokens, padding from attention_mask, finite everywhere.
+        # Additive mask [B,1,S,P+S] over past+new: causal over the new tokens, padding from attention_mask, finite.
         key_pos = torch.arange(past_len + seq, device=inputs_embeds.device)
         query_pos = torch.arange(seq, device=inputs_embeds.device) + past_len
         allowed = (key_pos[None, :] <= query_pos[:, None])[None, None] & (attention_mask[:, None, None, :] > 0)
         bias = torch.where(allowed, torch.zeros((), dtype=torch.float32),
                            torch.full((), MASK_VALUE, dtype=torch.float32))
-        scale = self.head_dim ** -0.5
+        scale = hd ** -0.5
         h = inputs_embeds
         presents = []
         for i, layer in enumerate(self.layers):
             attn = layer.self_attn
             x = _rms_norm(h, layer.input_layernorm.weight, self.eps)
-            q = attn.q_proj(x).view(bsz, seq, self.num_heads, self.head_dim).transpose(1, 2)
-            k = attn.k_proj(x).view(bsz, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
-            v = attn.v_proj(x).view(bsz, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
-            q = q * cos + _rotate_half(q) * sin
+            k = attn.k_proj(x).view(bsz, seq, self.num_kv_heads, hd).transpose(1, 2)
+            v = attn.v_proj(x).view(bsz, seq, self.num_kv_heads, hd).transpose(1, 2)
             k = k * cos + _rotate_half(k) * sin
             k = torch.cat((past[2 * i], k), dim=2)
             v = torch.cat((past[2 * i + 1], v), dim=2)
             presents += [k, v]
-            if self.num_kv_heads != self.num_heads:  # grouped-query attention
-                rep = self.num_heads // self.num_kv_heads
-                k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-            scores = (q @ k.transpose(-2, -1)).float() * scale + bias  # scores and softmax in fp32
-            probs = scores.softmax(dim=-1).to(dtype)
-            o = (probs @ v).transpose(1, 2).reshape(bsz, seq, self.num_heads * self.head_dim)
+            # The last layer only feeds the last K logits: every token still needs its K/V (the cache), but
+            # queries, attention output and MLP run on the last K positions only (exact; -27% FLOPs at 3 layers).
+            q_cos, q_sin, q_bias = cos, sin, bias
+            if i == len(self.layers) - 1:
+                x, h = x[:, -self.k:], h[:, -self.k:]
+                q_cos, q_sin, q_bias = cos[:, :, -self.k:], sin[:, :, -self.k:], bias[:, :, -self.k:]
+            q_len = x.shape[1]
+            q = attn.q_proj(x).view(bsz, q_len, heads, hd).transpose(1, 2)
+            q = q * q_cos + _rotate_half(q) * q_sin
+            # A group's queries side by side: [B,H,S,D] → [persons, H, rows_per_person * S, D].
+            grouped = q.reshape(persons, -1, heads, q_len, hd).transpose(1, 2).reshape(persons, heads, -1, hd)
+            s_prefix = (grouped @ self._kv(prefix[2 * i]).transpose(-2, -1)).float() * scale
+            s_prefix = s_prefix.reshape(persons, heads, -1, q_len, prefix_len).transpose(1, 2) \
+                .reshape(bsz, heads, q_len, prefix_len)
+            s_own = (q @ self._kv(k).transpose(-2, -1)).float() * scale + q_bias  # scores and softmax in fp32
+            probs = torch.cat((s_prefix, s_own), dim=-1).softmax(dim=-1).to(dtype)
+            p_prefix = probs[..., :prefix_len].reshape(persons, -1, heads, q_len, prefix_len).transpose(1, 2) \
+                .reshape(persons, heads, -1, prefix_len)
+            o_prefix = (p_prefix @ self._kv(prefix[2 * i + 1])).reshape(persons, heads, -1, q_len, hd) \
+                .transpose(1, 2).reshape(bsz, heads, q_len, hd)
+            o = o_prefix + probs[..., prefix_len:] @ self._kv(v)
+            o = o.transpose(1, 2).reshape(bsz, q_len, heads * hd)
             h = h + attn.o_proj(o)
             x = _rms_norm(h, layer.post_attention_layernorm.weight, self.eps)
             mlp = layer.mlp
             h = h + mlp.down_proj(F.silu(mlp.gate_proj(x)) * mlp.up_proj(x))
-        h = _rms_norm(h[:, -self.k:], self.norm.weight, self.eps)
+        h = _rms_norm(h, self.norm.weight, self.eps)  # already the last K positions
         logits = self.lm_head(h).float()
         return (logits, *presents)
 
@@ -132,6 +166,8 @@ class DecoderGraph(nn.Module):
 def decoder_io_names(num_layers: int) -> tuple[list[str], list[str]]:
     inputs = ["inputs_embeds", "attention_mask", "position_ids"]
     outputs = ["logits"]
+    for i in range(num_layers):
+        inputs += [f"prefix_key_values.{i}.key", f"prefix_key_values.{i}.value"]
     for i in range(num_layers):
         inputs += [f"past_key_values.{i}.key", f"past_key_values.{i}.value"]
         outputs += [f"present.{i}.key", f"present.{i}.value"]

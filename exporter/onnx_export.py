@@ -11,6 +11,7 @@ import warnings
 from pathlib import Path
 
 import onnx
+import onnx.numpy_helper
 import torch
 
 from runtime.manifest import GraphSpec, TensorSpec
@@ -34,6 +35,7 @@ def _export(module: torch.nn.Module, args: tuple, path: Path, inputs: list[str],
                               dynamic_axes=dynamic_axes, opset_version=OPSET, do_constant_folding=True,
                               dynamo=False)
         model = onnx.load(str(scratch / path.name), load_external_data=True)
+        literal_zero_reshapes(model)
         size = sum(t.ByteSize() for t in model.graph.initializer)
         if size < EXTERNAL_DATA_THRESHOLD:
             onnx.save_model(model, str(path))
@@ -42,6 +44,25 @@ def _export(module: torch.nn.Module, args: tuple, path: Path, inputs: list[str],
                             location=path.name + ".data", size_threshold=1024)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def literal_zero_reshapes(model: onnx.ModelProto) -> None:
+    """Give every Reshape `allowzero=1` (opset >= 14): a 0 in the target shape is then a real empty dimension, as in
+    torch, not ONNX's default "copy this dimension from the input". The decoder needs it for the prefix prefill,
+    whose shared-prefix input is empty (shape computed from a 0-length dim). Refuses graphs with a constant shape
+    containing 0, whose meaning would change."""
+    constants = {t.name: t for t in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "Constant":
+            constants[node.output[0]] = node.attribute[0].t
+    for node in model.graph.node:
+        if node.op_type != "Reshape":
+            continue
+        shape = constants.get(node.input[1])
+        if shape is not None and 0 in onnx.numpy_helper.to_array(shape).tolist():
+            raise RuntimeError(f"Reshape {node.name}: constant target shape contains 0; allowzero would change it")
+        del node.attribute[:]  # Reshape's only attribute is allowzero
+        node.attribute.append(onnx.helper.make_attribute("allowzero", 1))
 
 
 def graph_spec(path: Path, dynamic_ranges: dict[str, tuple[int, int]]) -> GraphSpec:
@@ -71,11 +92,13 @@ def export_vision(graph: VisionGraph, path: Path, crop_size: int, max_batch: int
 
 
 def export_decoder(graph: DecoderGraph, path: Path, dtype: torch.dtype, hidden: int, kv_heads: int,
-                   head_dim: int, num_layers: int, max_batch: int, max_seq: int, max_context: int) -> GraphSpec:
-    # Trace at batch 2, 3 new tokens, 5 past tokens; every one of those axes is dynamic.
-    b, s, p = 2, 3, 5
+                   head_dim: int, num_layers: int, max_persons: int, max_batch: int, max_seq: int, prefix_len: int,
+                   max_context: int) -> GraphSpec:
+    # Trace with 2 persons × 2 rows, 3 new tokens, a 6-token prefix and 5 past tokens: all distinct, all dynamic.
+    n, b, s, lp, p = 2, 4, 3, 6, 5
     args = [torch.randn(b, s, hidden, dtype=dtype), torch.ones(b, p + s, dtype=torch.int64),
-            torch.arange(p, p + s).expand(b, s).contiguous()]
+            torch.arange(lp + p, lp + p + s).expand(b, s).contiguous()]
+    args += [torch.randn(n, kv_heads, lp, head_dim, dtype=dtype) for _ in range(2 * num_layers)]
     args += [torch.randn(b, kv_heads, p, head_dim, dtype=dtype) for _ in range(2 * num_layers)]
     inputs, outputs = decoder_io_names(num_layers)
     axes: dict[str, dict[int, str]] = {
@@ -83,9 +106,13 @@ def export_decoder(graph: DecoderGraph, path: Path, dtype: torch.dtype, hidden: 
         "position_ids": {0: "batch", 1: "seq"}, "logits": {0: "batch", 1: "logit_positions"},
     }
     for name in inputs[3:]:
-        axes[name] = {0: "batch", 2: "past"}
+        axes[name] = {0: "persons", 2: "prefix"} if name.startswith("prefix_") else {0: "batch", 2: "past"}
     for name in outputs[1:]:
         axes[name] = {0: "batch", 2: "total"}
     _export(graph, tuple(args), path, inputs, outputs, axes)
-    return graph_spec(path, {"batch": (1, max_batch), "seq": (1, max_seq), "past": (0, max_context),
-                             "total": (1, max_context + max_seq)})
+    # The prefix is either absent (the prefix prefill itself) or exactly the model's prompt prefix + image tokens;
+    # past/total count only the tokens after it (max_context counts everything).
+    suffix_context = max_context - prefix_len
+    return graph_spec(path, {"batch": (1, max_batch), "persons": (1, max_persons), "prefix": (0, prefix_len),
+                             "seq": (1, max_seq), "past": (0, suffix_context),
+                             "total": (1, suffix_context + max_seq)})

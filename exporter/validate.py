@@ -1,9 +1,11 @@
 """Export-time validation: onnxruntime (CPU) on the written graphs vs the merged PyTorch model.
 
-Shapes differ from the tracing shapes (batch 3 vs 2, 7-token prefill vs 3, past 0 and 7..9 vs 5), one row is left
-padded, and the decoder is driven like the runtime drives it: a prefill, then three single-token steps through the
-KV cache. The reference is the HF model on the whole sequence, so the check covers cache handling, RoPE positions and
-masking, not just one forward.
+Shapes differ from the tracing shapes (2 persons × 3 rows vs 2 × 2, a 7-token prefix vs 6, 5-token suffixes), two
+suffixes are left padded between prefix and suffix as the runtime pads them, and the decoder is driven like the
+runtime drives it: a prefix prefill per person, the suffix prefill of every row on top of
+its person's shared prefix, then three single-token steps through the KV cache. The reference is the HF model on the
+whole padded sequences, so the check covers the shared-prefix attention, cache handling, RoPE positions and masking,
+not just one forward.
 """
 from __future__ import annotations
 
@@ -41,10 +43,12 @@ class PrecisionReference:
 
     pixel_values: np.ndarray
     image_embeds: np.ndarray
-    embeds: np.ndarray  # [B, T, H] prefill + 3 step tokens
-    mask: np.ndarray  # [B, T]
-    logits: np.ndarray  # [B, T, V]
-    prefill: int
+    embeds: np.ndarray  # [rows, T, H]: prefix + padded suffix + 3 step tokens; rows = persons × per_person
+    mask: np.ndarray  # [rows, T]
+    logits: np.ndarray  # [rows, T, V]
+    persons: int
+    prefix: int
+    suffix: int
 
 
 @torch.inference_mode()
@@ -54,17 +58,20 @@ def reference_outputs(model: PoseLLM, seed: int = 0) -> PrecisionReference:
     model = model.float().eval()
     px = torch.randn(3, 3, cfg.crop_size, cfg.crop_size, generator=g)
     image_embeds = model.encode_image(px)
-    prefill, steps, batch = 7, 3, 3
-    total = prefill + steps
-    ids = torch.randint(3, cfg.llm.vocab_size, (batch, total), generator=g)
-    mask = torch.ones(batch, total, dtype=torch.int64)
-    mask[0, :2] = 0  # row 0 left padded
+    persons, per_person, prefix, suffix, steps = 2, 3, 7, 5, 3
+    rows, total = persons * per_person, prefix + suffix + steps
+    ids = torch.randint(3, cfg.llm.vocab_size, (rows, total), generator=g)
+    ids[:, :prefix] = ids[::per_person, :prefix].repeat_interleave(per_person, dim=0)  # one prefix per person
+    mask = torch.ones(rows, total, dtype=torch.int64)
+    mask[1, prefix:prefix + 2] = 0  # shorter suffixes, padded between prefix and suffix
+    mask[3, prefix:prefix + 4] = 0
     embeds = model.llm.get_input_embeddings()(ids)
-    embeds[1, 2:5] = image_embeds[1, :3]  # a few image embeddings among the text, as in real prompts
+    for n in range(persons):  # image embeddings inside each person's prefix, as in real prompts
+        embeds[n * per_person:(n + 1) * per_person, 2:5] = image_embeds[n, :3]
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
     logits = model.llm(inputs_embeds=embeds, attention_mask=mask, position_ids=pos, use_cache=False).logits
     return PrecisionReference(px.numpy(), image_embeds.numpy(), embeds.numpy(), mask.numpy(),
-                              logits.float().numpy(), prefill)
+                              logits.float().numpy(), persons, prefix, suffix)
 
 
 def _check(name: str, got: np.ndarray, ref: np.ndarray, precision: str) -> Check:
@@ -91,23 +98,33 @@ def validate_variant(ref: PrecisionReference, vision_path: Path, decoder_path: P
     checks = [_check("image_embeds", vision.run(None, {"pixel_values": ref.pixel_values})[0], ref.image_embeds,
                      precision)]
 
-    batch, p = ref.embeds.shape[0], ref.prefill
-    past = {f"past_key_values.{i}.{kv}": np.zeros((batch, kv_heads, 0, head_dim), act)
-            for i in range(num_layers) for kv in ("key", "value")}
-    pos = np.clip(ref.mask.cumsum(-1) - 1, 0, None).astype(np.int64)
+    rows, lp, ls = ref.embeds.shape[0], ref.prefix, ref.suffix
+    per_person = rows // ref.persons
     names = [o.name for o in decoder.get_outputs()]
-    feeds = {"inputs_embeds": ref.embeds[:, :p].astype(act), "attention_mask": ref.mask[:, :p],
-             "position_ids": pos[:, :p], **past}
-    outs = dict(zip(names, decoder.run(None, feeds)))
-    k = min(logits_positions, p)
-    checks.append(_check("logits/prefill", outs["logits"], ref.logits[:, p - k:p], precision))
-    for step in range(ref.embeds.shape[1] - p):
-        t = p + step
-        feeds = {"inputs_embeds": ref.embeds[:, t:t + 1].astype(act), "attention_mask": ref.mask[:, :t + 1],
-                 "position_ids": pos[:, t:t + 1]}
-        feeds.update({f"past_key_values.{i}.{kv}": outs[f"present.{i}.{kv}"]
-                      for i in range(num_layers) for kv in ("key", "value")})
-        outs = dict(zip(names, decoder.run(None, feeds)))
+    kv_names = [f"{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
+    pos = np.clip(ref.mask.cumsum(-1) - 1, 0, None).astype(np.int64)
+
+    def empty(batch: int, kind: str) -> dict[str, np.ndarray]:
+        return {f"{kind}_key_values.{n}": np.zeros((batch, kv_heads, 0, head_dim), act) for n in kv_names}
+
+    def run(rows_sel, start: int, stop: int, prefix: dict, past: dict) -> dict[str, np.ndarray]:
+        feeds = {"inputs_embeds": ref.embeds[rows_sel, start:stop].astype(act),
+                 "attention_mask": ref.mask[rows_sel, lp if start >= lp else 0:stop],
+                 "position_ids": pos[rows_sel, start:stop], **prefix, **past}
+        return dict(zip(names, decoder.run(None, feeds)))
+
+    heads = slice(None, None, per_person)  # one row per person
+    outs = run(heads, 0, lp, empty(ref.persons, "prefix"), empty(ref.persons, "past"))
+    checks.append(_check("logits/prefix", outs["logits"], ref.logits[heads, lp - min(logits_positions, lp):lp],
+                         precision))
+    prefix = {f"prefix_key_values.{n}": outs[f"present.{n}"] for n in kv_names}
+    outs = run(slice(None), lp, lp + ls, prefix, empty(rows, "past"))
+    k = min(logits_positions, ls)
+    checks.append(_check("logits/suffix", outs["logits"], ref.logits[:, lp + ls - k:lp + ls], precision))
+    for step in range(ref.embeds.shape[1] - lp - ls):
+        t = lp + ls + step
+        past = {f"past_key_values.{n}": outs[f"present.{n}"] for n in kv_names}
+        outs = run(slice(None), t, t + 1, prefix, past)
         checks.append(_check(f"logits/step{step + 1}", outs["logits"], ref.logits[:, t:t + 1], precision))
     return checks
 

@@ -37,27 +37,33 @@ class Decoder:
         specs = {t.name: t for t in runner.spec.inputs}
         self.act = np.dtype(specs["inputs_embeds"].dtype)
         self.kv_names = [n for n in specs if n.startswith("past_key_values.")]
+        self.prefix_names = [n.replace("past_", "prefix_") for n in self.kv_names]
         self.present = [n.replace("past_key_values.", "present.") for n in self.kv_names]
 
     # -- small helpers -------------------------------------------------------------------------------------------
     def embed(self, ids: np.ndarray) -> np.ndarray:
         return np.asarray(self.table[ids], dtype=self.act)
 
-    def _step(self, embeds: np.ndarray, mask: np.ndarray, positions: np.ndarray, past: dict[str, Any]
-              ) -> tuple[np.ndarray, dict[str, Any]]:
-        feeds = {"inputs_embeds": embeds, "attention_mask": mask, "position_ids": positions, **past}
+    def _empty(self, rows: int) -> np.ndarray:
+        return np.zeros((rows, self.m.dims.num_kv_heads, 0, self.m.dims.head_dim), self.act)
+
+    def _step(self, embeds: np.ndarray, mask: np.ndarray, positions: np.ndarray, prefix: dict[str, Any],
+              past: dict[str, Any]) -> tuple[np.ndarray, dict[str, Any]]:
+        feeds = {"inputs_embeds": embeds, "attention_mask": mask, "position_ids": positions, **prefix, **past}
         out = self.runner(feeds, keep_on_device=tuple(self.present))
         nxt = {k: out[p] for k, p in zip(self.kv_names, self.present)}
         return np.asarray(out["logits"], dtype=np.float32), nxt
 
     # -- prefill -------------------------------------------------------------------------------------------------
     def prefill(self, image_embeds: np.ndarray, suffixes: list[list[int]], append: list[int],
-                watch: Stopwatch) -> tuple[np.ndarray, np.ndarray, dict[str, Any], np.ndarray]:
-        """Prefix once per person, then all persons × suffixes (+ `append`, the forced answer head) as one batch.
+                watch: Stopwatch) -> tuple[np.ndarray, np.ndarray, dict[str, Any], dict[str, Any], np.ndarray]:
+        """Prefix once per person, then all persons × suffixes (+ `append`, the forced answer head) as one batch
+        that attends to each person's prefix K/V in place (shared-prefix attention: it is never repeated per row).
 
-        Returns the suffix-prefill logits [rows, K, V], the attention mask and positions of the batch so far, and
-        the KV cache. Suffixes are left padded *between* prefix and suffix, masked, with positions continuing from
-        the prefix, so every real token sits where the reference's left-padded full prompt puts it.
+        Returns the suffix-prefill logits [rows, K, V], the attention mask over the non-prefix tokens so far, the
+        prefix K/V, the non-prefix KV cache, and each row's last position. Suffixes are left padded *between*
+        prefix and suffix, masked, with positions continuing from the prefix, so every real token sits where the
+        reference's left-padded full prompt puts it.
         """
         persons, q = image_embeds.shape[0], len(suffixes)
         prefix = np.asarray(self.p.prefix_ids, dtype=np.int64)
@@ -65,33 +71,32 @@ class Decoder:
             emb = np.concatenate([np.broadcast_to(self.embed(prefix), (persons, len(prefix), self.table.shape[1])),
                                   image_embeds.astype(self.act)], axis=1)
             plen = emb.shape[1]
-            empty = {n: np.zeros((persons, self.m.dims.num_kv_heads, 0, self.m.dims.head_dim), self.act)
-                     for n in self.kv_names}
-            _, past = self._step(emb, np.ones((persons, plen), np.int64),
-                                 np.tile(np.arange(plen, dtype=np.int64), (persons, 1)), empty)
+            none = {n: self._empty(persons) for n in self.prefix_names}
+            _, kv = self._step(emb, np.ones((persons, plen), np.int64),
+                               np.tile(np.arange(plen, dtype=np.int64), (persons, 1)), none,
+                               {n: self._empty(persons) for n in self.kv_names})
+            shared = {p: kv[n] for p, n in zip(self.prefix_names, self.kv_names)}
         with watch.stage("suffix_prefill"):
             seqs = [list(s) + list(append) for s in suffixes]
             width = max(len(s) for s in seqs)
             ids = np.full((q, width), self.p.pad_id, np.int64)
-            mask = np.zeros((q, plen + width), np.int64)
-            mask[:, :plen] = 1
+            mask = np.zeros((q, width), np.int64)
             pos = np.full((q, width), plen, np.int64)
             for i, s in enumerate(seqs):
                 ids[i, width - len(s):] = s
-                mask[i, plen + width - len(s):] = 1
+                mask[i, width - len(s):] = 1
                 pos[i, width - len(s):] = np.arange(plen, plen + len(s))
             rows = persons * q
-            past = {k: self.runner.repeat_rows(v, q) for k, v in past.items()}
             emb = np.tile(self.embed(ids), (persons, 1, 1))
             mask, pos = np.tile(mask, (persons, 1)), np.tile(pos, (persons, 1))
-            logits, past = self._step(emb, mask, pos, past)
+            logits, past = self._step(emb, mask, pos, shared, {n: self._empty(rows) for n in self.kv_names})
         assert logits.shape[0] == rows
-        return logits, mask, past, pos[:, -1]
+        return logits, mask, shared, past, pos[:, -1]
 
     # -- free: plain greedy, 13 tokens ----------------------------------------------------------------------------
     def free(self, image_embeds: np.ndarray, suffixes: list[list[int]], watch: Stopwatch) -> Decoded:
         persons, q = image_embeds.shape[0], len(suffixes)
-        logits, mask, past, last_pos = self.prefill(image_embeds, suffixes, [], watch)
+        logits, mask, shared, past, last_pos = self.prefill(image_embeds, suffixes, [], watch)
         eos, steps = self.p.eos_id, self.p.max_new_tokens
         with watch.stage("decode"):
             step_logits = [logits[:, -1]]
@@ -102,7 +107,7 @@ class Decoder:
             while len(tokens) < steps and not done.all():
                 mask = np.concatenate([mask, np.ones((mask.shape[0], 1), np.int64)], axis=1)
                 last_pos = last_pos + 1
-                lg, past = self._step(self.embed(tokens[-1][:, None]), mask, last_pos[:, None], past)
+                lg, past = self._step(self.embed(tokens[-1][:, None]), mask, last_pos[:, None], shared, past)
                 step_logits.append(lg[:, -1])
                 tokens.append(lg[:, -1].argmax(-1))
                 done |= tokens[-1] == eos
@@ -124,7 +129,7 @@ class Decoder:
         digits = np.asarray(self.p.digit_ids, dtype=np.int64)
         first, second = self.p.digit_positions[:3], self.p.digit_positions[3:]
         # Prefill carries the fixed head `▁[ 0 .` (answer positions 0..first[0]-1).
-        logits, mask, past, last_pos = self.prefill(image_embeds, suffixes, tpl[:first[0]], watch)
+        logits, mask, shared, past, last_pos = self.prefill(image_embeds, suffixes, tpl[:first[0]], watch)
         rows = logits.shape[0]
         n_steps = len(tpl)
         conf = np.zeros((rows, n_steps), np.float64)
@@ -158,7 +163,7 @@ class Decoder:
                 mask = np.concatenate([mask, np.ones((rows, width), np.int64)], axis=1)
                 pos = last_pos[:, None] + np.arange(1, width + 1)
                 last_pos = pos[:, -1]
-                lg, past = self._step(self.embed(feed), mask, pos, past)
+                lg, past = self._step(self.embed(feed), mask, pos, shared, past)
                 take(lg, targets[0])
         out_tokens, answers = [], []
         for r in range(rows):

@@ -16,8 +16,8 @@ from typing import Any
 
 from .errors import BundleError
 
-SCHEMA_VERSION = 1
-SUPPORTED_SCHEMA_VERSIONS = (1,)
+SCHEMA_VERSION = 2  # 2: the decoder takes the shared prefix K/V as its own inputs (prefix_key_values.*)
+SUPPORTED_SCHEMA_VERSIONS = (2,)
 MANIFEST_NAME = "manifest.json"
 
 

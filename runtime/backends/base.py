@@ -60,10 +60,6 @@ class GraphRunner(ABC):
     def to_numpy(self, value: Any) -> np.ndarray:
         return value if isinstance(value, np.ndarray) else np.asarray(value.numpy())
 
-    def repeat_rows(self, value: Any, repeats: int) -> Any:
-        """Row-repeat a (possibly device-resident) tensor: each batch row `repeats` times, in order."""
-        return np.repeat(self.to_numpy(value), repeats, axis=0)
-
 
 class Stopwatch:
     """Accumulates wall time per stage (thread-local use: one per estimate call)."""

@@ -175,27 +175,6 @@ class TrtRunner(GraphRunner):
     def to_numpy(self, value: Any) -> np.ndarray:
         return value.numpy() if isinstance(value, DeviceTensor) else np.asarray(value)
 
-    def repeat_rows(self, value: Any, repeats: int) -> Any:
-        """Each batch row `repeats` times, on the GPU: one copy per row, then doubling copies of the block."""
-        if not isinstance(value, DeviceTensor):
-            return np.repeat(np.asarray(value), repeats, axis=0)
-        with self._lock:
-            rows = value.shape[0]
-            out = DeviceTensor(self, (rows * repeats, *value.shape[1:]), value.dtype)
-            row = value.nbytes // rows if rows else 0
-            if row:
-                rt, d2d = self.cuda.rt, self.cuda.d2d
-                for r in range(rows):
-                    base = out.ptr + r * repeats * row
-                    self.cuda.call(rt.cudaMemcpyAsync(base, value.ptr + r * row, row, d2d, self.stream))
-                    filled = 1
-                    while filled < repeats:
-                        n = min(filled, repeats - filled)
-                        self.cuda.call(rt.cudaMemcpyAsync(base + filled * row, base, n * row, d2d, self.stream))
-                        filled += n
-                self.cuda.call(rt.cudaStreamSynchronize(self.stream))
-            return out
-
     # -- inference ----------------------------------------------------------------------------------------------
     def run(self, inputs: Mapping[str, Any], keep_on_device: tuple[str, ...] = ()) -> dict[str, Any]:
         with self._lock:

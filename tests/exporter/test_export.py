@@ -39,7 +39,7 @@ def test_native_mlp_bundle_validates(tiny_bundle):
     assert report["passed"]
     assert set(report["variants"]) == {"fp32", "fp16"}
     names = {c["output"] for c in report["variants"]["fp32"]}
-    assert names == {"image_embeds", "logits/prefill", "logits/step1", "logits/step2", "logits/step3"}
+    assert names == {"image_embeds", "logits/prefix", "logits/suffix", "logits/step1", "logits/step2", "logits/step3"}
 
 
 def test_locllm_linear_bundle_validates(tmp_path, tokenizer_dir, capsys):
@@ -74,7 +74,15 @@ def test_graph_contract(tiny_bundle):
                     assert np.isfinite(arr).all(), f"{name}: non-finite Constant {node.name}"
     dec = m.variant("fp32").decoder
     assert [t.name for t in dec.inputs][:3] == ["inputs_embeds", "attention_mask", "position_ids"]
-    assert len(dec.inputs) == 3 + 2 * m.dims.num_layers
+    assert len(dec.inputs) == 3 + 4 * m.dims.num_layers  # shared-prefix K/V + past K/V per layer
+    shapes = {t.name: t.shape for t in dec.inputs}
+    assert shapes["prefix_key_values.0.key"] == ("persons", m.dims.num_kv_heads, "prefix", m.dims.head_dim)
+    assert shapes["past_key_values.0.key"] == ("batch", m.dims.num_kv_heads, "past", m.dims.head_dim)
+    prefix = len(m.prompts.prefix_ids) + m.prompts.num_image_tokens
+    assert dec.dynamic_ranges["prefix"] == (0, prefix)
+    reshapes = [n for _, name, model in _graphs(tiny_bundle) if "decoder" in name
+                for n in model.graph.node if n.op_type == "Reshape"]
+    assert reshapes and all(a.name == "allowzero" and a.i == 1 for n in reshapes for a in n.attribute)
     assert dec.outputs[0].shape == ("batch", "logit_positions", m.dims.vocab_size)
     assert m.dims.logits_positions >= 4
     assert m.variant("fp16").decoder.inputs[0].dtype == "float16"
@@ -95,7 +103,7 @@ def test_manifest_round_trip_and_version_rejection(tiny_bundle, tmp_path):
     assert Manifest.from_json(m.to_json()) == m
     data = json.loads(m.to_json())
     data["schema_version"] = SCHEMA_VERSION + 1
-    with pytest.raises(BundleError, match=r"not supported.*versions \[1\]"):
+    with pytest.raises(BundleError, match=r"not supported.*versions \[2\]"):
         Manifest.from_json(json.dumps(data))
     data["schema_version"] = SCHEMA_VERSION
     data["dims"]["surprise"] = 1

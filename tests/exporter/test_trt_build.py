@@ -63,9 +63,6 @@ class _ShapeRecorder(GraphRunner):
         self.shapes.append({k: tuple(np.shape(v)) for k, v in inputs.items()})
         return self.inner(inputs, keep_on_device)
 
-    def repeat_rows(self, value, repeats):
-        return self.inner.repeat_rows(value, repeats)
-
 
 def _fits(shapes: dict, profile: dict) -> bool:
     return all(all(lo <= s <= hi for lo, s, hi in zip(mn, shapes[n], mx)) for n, (mn, _, mx) in profile.items())
@@ -81,9 +78,12 @@ def test_profiles_cover_every_shape_the_runtime_sends(tiny_bundle):
     assert vision["pixel_values"][0][0] == 1 and vision["pixel_values"][2][0] == m.max_persons
     prefill, decode = profiles["decoder"]
     assert prefill["inputs_embeds"][2][:2] == [rows, max(prefix, longest + 13)]
-    assert [prefill["past_key_values.0.key"][k][2] for k in range(3)] == [0, prefix, prefix]
+    assert [prefill["prefix_key_values.0.key"][k][2] for k in range(3)] == [0, prefix, prefix]
+    assert [prefill["past_key_values.0.key"][k][2] for k in range(3)] == [0, 0, 0]
+    assert prefill["prefix_key_values.0.key"][2][0] == m.max_persons
     assert decode["inputs_embeds"][0][1] == 1 and decode["inputs_embeds"][2][:2] == [rows, 4]
-    assert decode["past_key_values.1.value"][2][2] == m.max_context
+    assert [decode["prefix_key_values.1.value"][k][2] for k in range(3)] == [prefix, prefix, prefix]
+    assert decode["past_key_values.1.value"][2][2] == m.max_context - prefix
     for decoding in ("template", "free"):  # every decoder/vision call of a 3-person image fits a profile
         est = Estimator(tiny_bundle, precision="fp16", decoding=decoding, threads=2)
         est.vision = _ShapeRecorder(est.vision)
@@ -306,7 +306,7 @@ def _fake_tensorrt(version: str, onnx_path: Path, profiles: tuple):
 
 
 def test_trt_runner_logic_with_stand_in_tensorrt(bundle, monkeypatch):
-    """Profile choice per call (prefill vs decode context), device-resident KV cache, GPU-side repeat_rows,
+    """Profile choice per call (prefill vs decode context), device-resident KV cache (shared prefix included),
     int64 inputs: the Estimator on TrtRunner matches onnxruntime exactly (same graphs behind the stand-in)."""
     import runtime.backends.tensorrt as trt_backend
     m = load_manifest(bundle)
@@ -329,8 +329,5 @@ def test_trt_runner_logic_with_stand_in_tensorrt(bundle, monkeypatch):
         assert np.array_equal(g.keypoints, r.keypoints)
     assert len(fakes["decoder"].engine.contexts) == 2  # one context per profile: prefill and decode
     assert {c.profile for c in fakes["decoder"].engine.contexts} == {0, 1}
-    kv = runners["decoder"].upload(np.arange(2 * 3 * 4, dtype=np.float16).reshape(2, 3, 4), np.float16)
-    rep = runners["decoder"].repeat_rows(kv, 5)
-    assert np.array_equal(rep.numpy(), np.repeat(kv.numpy(), 5, axis=0))
     with pytest.raises(InputError, match="fit none of the engine's optimization profiles"):
         runners["vision"].profile_for({"pixel_values": (m.max_persons + 1, 3, 224, 224)})
