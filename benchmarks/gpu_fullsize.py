@@ -312,7 +312,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             emb = est.vision({"pixel_values": px})["image_embeds"]
             emb_err = max(emb_err, float(np.abs(np.asarray(emb, np.float32) - ref_emb).max()))
             emb_max = max(emb_max, float(np.abs(ref_emb).max()))
-            logits = est.decoder.prefill(np.asarray(emb), est.queries(None)[1], [], Stopwatch())[0][:, -1]
+            first = est.decoder.prefill(np.asarray(emb), est.queries(None)[1], [], Stopwatch())[0]
+            logits = est.decoder.runner.to_numpy(first.logits)[:, -1]
             logit_diff = max(logit_diff, float(np.abs(logits - ref_first).max()))
             top2 = np.sort(ref_first, axis=-1)[:, -2:]
             margins += list(top2[:, 1] - top2[:, 0])

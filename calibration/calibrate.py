@@ -173,7 +173,8 @@ def _evaluate(manifest: Manifest, bundle: Path, fp32: Variant, pixel_values: np.
     table = np.load(bundle / embedding, mmap_mode="r")
 
     def prefill(runner, emb: np.ndarray, tab: np.ndarray) -> np.ndarray:
-        return Decoder(manifest, runner, tab, lambda ids: "").prefill(emb, suffixes, head, Stopwatch())[0]
+        out = Decoder(manifest, runner, tab, lambda ids: "").prefill(emb, suffixes, head, Stopwatch())[0]
+        return runner.to_numpy(out.logits)
 
     ref = prefill(d32, e32, ref_table)
     dec_only = prefill(d8, e32, table)

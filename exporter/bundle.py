@@ -106,6 +106,8 @@ def export_bundle(cfg: ExportConfig, log=print) -> ExportResult:
     max_seq = max(prefix_len, longest)  # the prefix prefill is the longest single pass
     max_context = max(cfg.max_context, prefix_len + longest)
     ref = reference_outputs(model) if cfg.validate else None
+    # digit_argmax needs the single-token digits; without them (no template decoding) it is a stub on id 0
+    digit_ids = prompts.digit_ids or (0,)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
@@ -129,7 +131,8 @@ def export_bundle(cfg: ExportConfig, log=print) -> ExportResult:
             if precision != "fp32":
                 keep_norms_fp32(vision)
             vspec = export_vision(vision, vdir / "vision.onnx", model.cfg.crop_size, cfg.max_persons)
-            dspec = export_decoder(DecoderGraph(model, cfg.logits_positions), vdir / "decoder.onnx", dtype,
+            graph = DecoderGraph(model, cfg.logits_positions, digit_ids)
+            dspec = export_decoder(graph, vdir / "decoder.onnx", dtype,
                                    c.hidden_size, c.num_key_value_heads, c.head_dim, c.num_hidden_layers,
                                    cfg.max_persons, cfg.max_persons * len(prompts.keypoints), max_seq, prefix_len,
                                    max_context)
@@ -140,7 +143,7 @@ def export_bundle(cfg: ExportConfig, log=print) -> ExportResult:
             if ref is not None:
                 checks[precision] = validate_variant(ref, vdir / "vision.onnx", vdir / "decoder.onnx", precision,
                                                      c.num_hidden_layers, c.num_key_value_heads, c.head_dim,
-                                                     cfg.logits_positions)
+                                                     cfg.logits_positions, digit_ids)
                 log(format_checks(precision, checks[precision]))
         validation = report(checks) if ref is not None else None
         if validation is not None:

@@ -68,7 +68,11 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 class DecoderGraph(nn.Module):
     """(inputs_embeds, attention_mask, position_ids, prefix k/v × layers, past k/v × layers)
-    → (logits[:, -K:], present k/v × layers).
+    → (logits, max_prob, argmax, digit_argmax for the last K positions, present k/v × layers).
+
+    The greedy decision and the keypoint score need only the reductions: `max_prob` (the max softmax probability
+    over the vocab, LocLLM's step confidence), `argmax` and `digit_argmax` (index into the answer digits `0`..`9`).
+    The runtime reads those and leaves `logits` [B, K, vocab] on the device (17 × 4 × 32000 floats per pass on 7B).
 
     Shared-prefix attention: the batch holds `persons` groups of `batch / persons` consecutive rows (one person's
     keypoint queries), and every row of a group attends to the group's one copy of the prefix K/V (prompt prefix +
@@ -79,7 +83,7 @@ class DecoderGraph(nn.Module):
     (the prefix is never padded: its length is fixed by the model).
     """
 
-    def __init__(self, model: PoseLLM, logits_positions: int) -> None:
+    def __init__(self, model: PoseLLM, logits_positions: int, digit_ids: tuple[int, ...]) -> None:
         super().__init__()
         llm = model.llm
         cfg = model.cfg.llm
@@ -94,6 +98,7 @@ class DecoderGraph(nn.Module):
         inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, self.head_dim, 2, dtype=torch.int64).float()
                                              / self.head_dim))
         self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.register_buffer("digit_ids", torch.tensor(digit_ids, dtype=torch.int64), persistent=False)
 
     def _kv(self, t: torch.Tensor) -> torch.Tensor:
         """K/V heads repeated for grouped-query attention."""
@@ -160,12 +165,17 @@ class DecoderGraph(nn.Module):
             h = h + mlp.down_proj(F.silu(mlp.gate_proj(x)) * mlp.up_proj(x))
         h = _rms_norm(h, self.norm.weight, self.eps)  # already the last K positions
         logits = self.lm_head(h).float()
-        return (logits, *presents)
+        # max softmax prob = 1 / sum(exp(logits - max)); indices as int32 (every engine's native index type)
+        top = logits.max(dim=-1, keepdim=True).values
+        max_prob = 1.0 / (logits - top).exp().sum(dim=-1)
+        argmax = logits.argmax(dim=-1).to(torch.int32)
+        digit_argmax = logits.index_select(-1, self.digit_ids).argmax(dim=-1).to(torch.int32)
+        return (logits, max_prob, argmax, digit_argmax, *presents)
 
 
 def decoder_io_names(num_layers: int) -> tuple[list[str], list[str]]:
     inputs = ["inputs_embeds", "attention_mask", "position_ids"]
-    outputs = ["logits"]
+    outputs = ["logits", "max_prob", "argmax", "digit_argmax"]
     for i in range(num_layers):
         inputs += [f"prefix_key_values.{i}.key", f"prefix_key_values.{i}.value"]
     for i in range(num_layers):

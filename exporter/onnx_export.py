@@ -104,10 +104,11 @@ def export_decoder(graph: DecoderGraph, path: Path, dtype: torch.dtype, hidden: 
     axes: dict[str, dict[int, str]] = {
         "inputs_embeds": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "total"},
         "position_ids": {0: "batch", 1: "seq"}, "logits": {0: "batch", 1: "logit_positions"},
+        **{name: {0: "batch", 1: "logit_positions"} for name in ("max_prob", "argmax", "digit_argmax")},
     }
     for name in inputs[3:]:
         axes[name] = {0: "persons", 2: "prefix"} if name.startswith("prefix_") else {0: "batch", 2: "past"}
-    for name in outputs[1:]:
+    for name in outputs[4:]:
         axes[name] = {0: "batch", 2: "total"}
     _export(graph, tuple(args), path, inputs, outputs, axes)
     # The prefix is either absent (the prefix prefill itself) or exactly the model's prompt prefix + image tokens;

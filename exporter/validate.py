@@ -87,8 +87,23 @@ def _check(name: str, got: np.ndarray, ref: np.ndarray, precision: str) -> Check
                  ref_max, tol, finite and max_abs <= tol)
 
 
+def _decision_checks(label: str, outs: dict[str, np.ndarray], ref_logits: np.ndarray, digit_ids: tuple[int, ...],
+                     precision: str) -> list[Check]:
+    """The graph's reductions against the reference logits: max_prob vs the softmax max; the chosen token's (and
+    digit's) reference logit vs the reference maximum, so a near-tie flipped by rounding passes within tolerance."""
+    ref = ref_logits.astype(np.float64)
+    max_prob = 1.0 / np.exp(ref - ref.max(-1, keepdims=True)).sum(-1)
+    digits = ref[..., list(digit_ids)]
+    chosen = np.take_along_axis(ref, outs["argmax"][..., None].astype(np.int64), -1)[..., 0]
+    chosen_digit = np.take_along_axis(digits, outs["digit_argmax"][..., None].astype(np.int64), -1)[..., 0]
+    return [_check(f"{label}/max_prob", outs["max_prob"], max_prob, precision),
+            _check(f"{label}/argmax", chosen, ref.max(-1), precision),
+            _check(f"{label}/digit_argmax", chosen_digit, digits.max(-1), precision)]
+
+
 def validate_variant(ref: PrecisionReference, vision_path: Path, decoder_path: Path, precision: str,
-                     num_layers: int, kv_heads: int, head_dim: int, logits_positions: int) -> list[Check]:
+                     num_layers: int, kv_heads: int, head_dim: int, logits_positions: int,
+                     digit_ids: tuple[int, ...]) -> list[Check]:
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     providers = ["CPUExecutionProvider"]
@@ -115,17 +130,20 @@ def validate_variant(ref: PrecisionReference, vision_path: Path, decoder_path: P
 
     heads = slice(None, None, per_person)  # one row per person
     outs = run(heads, 0, lp, empty(ref.persons, "prefix"), empty(ref.persons, "past"))
-    checks.append(_check("logits/prefix", outs["logits"], ref.logits[heads, lp - min(logits_positions, lp):lp],
-                         precision))
+    ref_logits = ref.logits[heads, lp - min(logits_positions, lp):lp]
+    checks.append(_check("logits/prefix", outs["logits"], ref_logits, precision))
+    checks += _decision_checks("prefix", outs, ref_logits, digit_ids, precision)
     prefix = {f"prefix_key_values.{n}": outs[f"present.{n}"] for n in kv_names}
     outs = run(slice(None), lp, lp + ls, prefix, empty(rows, "past"))
     k = min(logits_positions, ls)
     checks.append(_check("logits/suffix", outs["logits"], ref.logits[:, lp + ls - k:lp + ls], precision))
+    checks += _decision_checks("suffix", outs, ref.logits[:, lp + ls - k:lp + ls], digit_ids, precision)
     for step in range(ref.embeds.shape[1] - lp - ls):
         t = lp + ls + step
         past = {f"past_key_values.{n}": outs[f"present.{n}"] for n in kv_names}
         outs = run(slice(None), t, t + 1, prefix, past)
         checks.append(_check(f"logits/step{step + 1}", outs["logits"], ref.logits[:, t:t + 1], precision))
+        checks += _decision_checks(f"step{step + 1}", outs, ref.logits[:, t:t + 1], digit_ids, precision)
     return checks
 
 

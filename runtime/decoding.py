@@ -4,7 +4,7 @@ on top of it, then `free` (plain greedy, the reference's semantics) or `template
 Template decoding: the answer grammar is `▁[ 0 . d d d , 0 . d d d ]`. Only the six digits are model decisions, so
 `▁[ 0 .` ride along with the suffix prefill, `d , 0 .` are fed in one pass, and the rest are single-digit passes:
 5 decode passes instead of 12. The logits at every position are still computed, so each step's confidence — the
-keypoint score of SPEC §3 — is exactly the reference's.
+keypoint score of SPEC §3 — is the reference's (computed in the graph in fp32: equal to ~1e-7).
 """
 from __future__ import annotations
 
@@ -13,9 +13,20 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .answer import KeypointAnswer, parse_answer, step_confidences
+from .answer import KeypointAnswer, parse_answer
 from .backends.base import GraphRunner, Stopwatch
 from .manifest import Manifest
+
+
+@dataclass(frozen=True)
+class StepOutput:
+    """What one decoder call returns for its last K positions: the greedy choices and confidences (host arrays),
+    and the raw logits, left backend-native (on the GPU for CUDA/TensorRT: only the reductions are copied back)."""
+
+    max_prob: np.ndarray  # [rows, K] max softmax probability (the step confidence)
+    argmax: np.ndarray  # [rows, K] token id
+    digit_argmax: np.ndarray  # [rows, K] index into Prompts.digit_ids
+    logits: Any  # [rows, K, vocab]
 
 
 @dataclass(frozen=True)
@@ -48,19 +59,20 @@ class Decoder:
         return np.zeros((rows, self.m.dims.num_kv_heads, 0, self.m.dims.head_dim), self.act)
 
     def _step(self, embeds: np.ndarray, mask: np.ndarray, positions: np.ndarray, prefix: dict[str, Any],
-              past: dict[str, Any]) -> tuple[np.ndarray, dict[str, Any]]:
+              past: dict[str, Any]) -> tuple[StepOutput, dict[str, Any]]:
         feeds = {"inputs_embeds": embeds, "attention_mask": mask, "position_ids": positions, **prefix, **past}
-        out = self.runner(feeds, keep_on_device=tuple(self.present))
+        out = self.runner(feeds, keep_on_device=(*self.present, "logits"))
         nxt = {k: out[p] for k, p in zip(self.kv_names, self.present)}
-        return np.asarray(out["logits"], dtype=np.float32), nxt
+        return StepOutput(np.asarray(out["max_prob"], np.float64), np.asarray(out["argmax"], np.int64),
+                          np.asarray(out["digit_argmax"], np.int64), out["logits"]), nxt
 
     # -- prefill -------------------------------------------------------------------------------------------------
     def prefill(self, image_embeds: np.ndarray, suffixes: list[list[int]], append: list[int],
-                watch: Stopwatch) -> tuple[np.ndarray, np.ndarray, dict[str, Any], dict[str, Any], np.ndarray]:
+                watch: Stopwatch) -> tuple[StepOutput, np.ndarray, dict[str, Any], dict[str, Any], np.ndarray]:
         """Prefix once per person, then all persons × suffixes (+ `append`, the forced answer head) as one batch
         that attends to each person's prefix K/V in place (shared-prefix attention: it is never repeated per row).
 
-        Returns the suffix-prefill logits [rows, K, V], the attention mask over the non-prefix tokens so far, the
+        Returns the suffix prefill's StepOutput, the attention mask over the non-prefix tokens so far, the
         prefix K/V, the non-prefix KV cache, and each row's last position. Suffixes are left padded *between*
         prefix and suffix, masked, with positions continuing from the prefix, so every real token sits where the
         reference's left-padded full prompt puts it.
@@ -89,30 +101,30 @@ class Decoder:
             rows = persons * q
             emb = np.tile(self.embed(ids), (persons, 1, 1))
             mask, pos = np.tile(mask, (persons, 1)), np.tile(pos, (persons, 1))
-            logits, past = self._step(emb, mask, pos, shared, {n: self._empty(rows) for n in self.kv_names})
-        assert logits.shape[0] == rows
-        return logits, mask, shared, past, pos[:, -1]
+            first, past = self._step(emb, mask, pos, shared, {n: self._empty(rows) for n in self.kv_names})
+        assert first.argmax.shape[0] == rows
+        return first, mask, shared, past, pos[:, -1]
 
     # -- free: plain greedy, 13 tokens ----------------------------------------------------------------------------
     def free(self, image_embeds: np.ndarray, suffixes: list[list[int]], watch: Stopwatch) -> Decoded:
         persons, q = image_embeds.shape[0], len(suffixes)
-        logits, mask, shared, past, last_pos = self.prefill(image_embeds, suffixes, [], watch)
+        out, mask, shared, past, last_pos = self.prefill(image_embeds, suffixes, [], watch)
         eos, steps = self.p.eos_id, self.p.max_new_tokens
         with watch.stage("decode"):
-            step_logits = [logits[:, -1]]
-            tokens = [step_logits[0].argmax(-1)]
+            confs = [out.max_prob[:, -1]]
+            tokens = [out.argmax[:, -1]]
             done = tokens[0] == eos
             # The reference stops a person's 17-prompt batch when all 17 emitted EOS; we run the whole batch until
             # every row is done and cut per person below, which is equivalent (rows never interact).
             while len(tokens) < steps and not done.all():
                 mask = np.concatenate([mask, np.ones((mask.shape[0], 1), np.int64)], axis=1)
                 last_pos = last_pos + 1
-                lg, past = self._step(self.embed(tokens[-1][:, None]), mask, last_pos[:, None], shared, past)
-                step_logits.append(lg[:, -1])
-                tokens.append(lg[:, -1].argmax(-1))
+                out, past = self._step(self.embed(tokens[-1][:, None]), mask, last_pos[:, None], shared, past)
+                confs.append(out.max_prob[:, -1])
+                tokens.append(out.argmax[:, -1])
                 done |= tokens[-1] == eos
         gen = np.stack(tokens, axis=1)  # [rows, L]
-        conf = np.stack([step_confidences(s) for s in step_logits], axis=1)  # [rows, L]
+        conf = np.stack(confs, axis=1)  # [rows, L]
         out_tokens, answers = [], []
         for n in range(persons):
             rows = slice(n * q, (n + 1) * q)
@@ -129,31 +141,30 @@ class Decoder:
         digits = np.asarray(self.p.digit_ids, dtype=np.int64)
         first, second = self.p.digit_positions[:3], self.p.digit_positions[3:]
         # Prefill carries the fixed head `▁[ 0 .` (answer positions 0..first[0]-1).
-        logits, mask, shared, past, last_pos = self.prefill(image_embeds, suffixes, tpl[:first[0]], watch)
-        rows = logits.shape[0]
+        out, mask, shared, past, last_pos = self.prefill(image_embeds, suffixes, tpl[:first[0]], watch)
+        rows = out.argmax.shape[0]
         n_steps = len(tpl)
         conf = np.zeros((rows, n_steps), np.float64)
         forced = np.zeros(rows, np.int64)
         gen = np.tile(np.asarray(tpl, np.int64), (rows, 1))
 
-        def take(lg: np.ndarray, first_step: int) -> None:
-            """lg[:, j] predicts answer step first_step + j: record confidences, choose digits."""
+        def take(o: StepOutput, first_step: int) -> None:
+            """Position j of `o` predicts answer step first_step + j: record confidences, choose digits."""
             nonlocal forced
-            for j in range(lg.shape[1]):
+            for j in range(o.argmax.shape[1]):
                 step = first_step + j
                 if step < 0:  # a larger exported K also returns logits from inside the suffix
                     continue
                 if step >= n_steps:
                     break
-                conf[:, step] = step_confidences(lg[:, j])
-                best = lg[:, j].argmax(-1)
+                conf[:, step] = o.max_prob[:, j]
                 if step in self.p.digit_positions:
-                    gen[:, step] = digits[lg[:, j][:, digits].argmax(-1)]
-                forced += best != gen[:, step]
+                    gen[:, step] = digits[o.digit_argmax[:, j]]
+                forced += o.argmax[:, j] != gen[:, step]
 
         with watch.stage("decode"):
-            k = logits.shape[1]  # the last k positions of the prefill: ..., ▁[, 0, . → steps first[0]-k+1 ..
-            take(logits, first[0] - k + 1)
+            k = out.argmax.shape[1]  # the prefill's last k positions: ..., ▁[, 0, . → steps first[0]-k+1 ..
+            take(out, first[0] - k + 1)
             plan = [[p] for p in first[1:]] + [list(range(first[-1] + 1, second[0] + 1))] + \
                    [[p] for p in second[1:]]
             for targets in plan:
@@ -163,8 +174,8 @@ class Decoder:
                 mask = np.concatenate([mask, np.ones((rows, width), np.int64)], axis=1)
                 pos = last_pos[:, None] + np.arange(1, width + 1)
                 last_pos = pos[:, -1]
-                lg, past = self._step(self.embed(feed), mask, pos, shared, past)
-                take(lg, targets[0])
+                out, past = self._step(self.embed(feed), mask, pos, shared, past)
+                take(out, targets[0])
         out_tokens, answers = [], []
         for r in range(rows):
             s = list(map(int, gen[r]))

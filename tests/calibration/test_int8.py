@@ -134,7 +134,7 @@ def test_int8_close_to_fp32_on_onnxruntime(calibrated):
     suffixes = [list(k.suffix_ids) for k in m.prompts.keypoints]
 
     def logits(runner, embeds):
-        return Decoder(m, runner, table, lambda ids: "").prefill(embeds[:2], suffixes, [], Stopwatch())[0]
+        return Decoder(m, runner, table, lambda ids: "").prefill(embeds[:2], suffixes, [], Stopwatch())[0].logits
 
     ref = logits(d32, e32)
     dec_abs, dec_rel = _rel(logits(d8, e32), ref)

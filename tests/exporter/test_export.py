@@ -39,7 +39,9 @@ def test_native_mlp_bundle_validates(tiny_bundle):
     assert report["passed"]
     assert set(report["variants"]) == {"fp32", "fp16"}
     names = {c["output"] for c in report["variants"]["fp32"]}
-    assert names == {"image_embeds", "logits/prefix", "logits/suffix", "logits/step1", "logits/step2", "logits/step3"}
+    calls = ["prefix", "suffix", "step1", "step2", "step3"]
+    assert names == {"image_embeds"} | {f"logits/{c}" for c in calls} | {
+        f"{c}/{out}" for c in calls for out in ("max_prob", "argmax", "digit_argmax")}
 
 
 def test_locllm_linear_bundle_validates(tmp_path, tokenizer_dir, capsys):

@@ -235,7 +235,8 @@ def _fake_tensorrt(version: str, onnx_path: Path, profiles: tuple):
     session = ort.InferenceSession(str(onnx_path))
     names_in = [i.name for i in session.get_inputs()]
     names_out = [o.name for o in session.get_outputs()]
-    onnx_types = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int64)": "int64"}
+    onnx_types = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int64)": "int64",
+                  "tensor(int32)": "int32"}
     dtypes = {i.name: np.dtype(onnx_types[i.type]) for i in session.get_inputs() + session.get_outputs()}
 
     class Context:
