@@ -157,8 +157,8 @@ def report(checks_by_precision: dict[str, list[Check]]) -> dict:
 
 
 def format_checks(precision: str, checks: list[Check]) -> str:
-    lines = [f"  {precision}: {'output':<16} {'max_abs':>10} {'max_rel':>10} {'tolerance':>10}"]
+    lines = [f"  {precision}: {'output':<22} {'max_abs':>10} {'max_rel':>10} {'tolerance':>10}"]
     for c in checks:
-        lines.append(f"  {'':{len(precision)}}  {c.output:<16} {c.max_abs:10.3e} {c.max_rel:10.3e} "
+        lines.append(f"  {'':{len(precision)}}  {c.output:<22} {c.max_abs:10.3e} {c.max_rel:10.3e} "
                      f"{c.tolerance:10.3e} {'ok' if c.passed else 'FAIL'}")
     return "\n".join(lines)
