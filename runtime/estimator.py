@@ -107,7 +107,8 @@ class Estimator:
                   ) -> list[PersonResult]:
         names, suffixes = self.queries(keypoints)
         q = len(suffixes)
-        per_batch = max(1, self.max_batch // q)
+        # rows = persons × queries within max_batch, and never more persons than the graphs were exported for
+        per_batch = max(1, min(self.manifest.max_persons, self.max_batch // q))
         results: list[PersonResult] = []
         for start in range(0, len(affines), per_batch):
             chunk = slice(start, start + per_batch)

@@ -188,3 +188,13 @@ def test_runtime_imports_without_torch():
             "print('ok')\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tiny.REPO)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
+
+
+def test_few_custom_keypoints_many_persons_stay_within_exported_batches(tiny_bundle):
+    """One custom keypoint leaves room for max_batch rows, but a call may never hold more persons than the graphs
+    were exported for (vision batch, decoder persons): 5 persons on a max-3-persons bundle run in 2 calls."""
+    est = Estimator(tiny_bundle, precision="fp32", threads=2)
+    assert est.manifest.max_persons == 3
+    boxes = [[10 + 30 * i, 20, 60, 120] for i in range(5)]
+    res = est.estimate(tiny.random_image(5), boxes, keypoints=[("nose", "The nose of the person.")])
+    assert len(res) == 5 and all(r.keypoints.shape == (1, 3) for r in res)
