@@ -19,8 +19,9 @@ from runtime.coco import read_coco_persons
 from runtime.estimator import Estimator, EstimatorConfig
 from runtime.manifest import sha256_file
 from runtime.preprocess import load_image
-
 from runtime.results import write_json
+
+from .evaluate import variant_name
 
 STAGES = ("preprocess", "vision", "prefix_prefill", "suffix_prefill", "decode")
 
@@ -131,8 +132,7 @@ def benchmark(cfg: BenchConfig, log=print) -> dict:
                 _reset_peak_rss()
                 est = Estimator(bundle, EstimatorConfig(precision=precision, decoding=decoding,
                                                         backend=cfg.backend, verify=False))
-                name = f"{precision}-{decoding}" if len(cfg.bundles) == 1 else \
-                    f"{Path(bundle).name}:{precision}-{decoding}"
+                name = variant_name(bundle, precision, decoding, len(cfg.bundles) > 1)
                 timing = _time(est, persons, cfg, cfg.persons)
                 entry = {"name": name, "backend": cfg.backend, "precision": precision, "decoding": decoding,
                          **timing, "persons_per_s": _throughput(est, persons, cfg),

@@ -43,6 +43,13 @@ class VariantRun:
     seconds: float
 
 
+def variant_name(bundle: Path, precision: str, decoding: str, several_bundles: bool) -> str:
+    """`fp16-template`, or `<bundle dir>:fp16-template` when several bundles are compared; bench joins its rows to an
+    eval report by this name."""
+    name = f"{precision}-{decoding}"
+    return f"{Path(bundle).name}:{name}" if several_bundles else name
+
+
 def _grouped(cfg: EvalConfig) -> "OrderedDict[int, list]":
     by_image: OrderedDict[int, list] = OrderedDict()
     for rec in read_coco_persons(cfg.coco):
@@ -103,7 +110,7 @@ def evaluate(cfg: EvalConfig, log=print) -> dict:
         precisions = cfg.precisions or tuple(est_probe.manifest.variants)
         for precision in precisions:
             for decoding in cfg.decodings:
-                name = f"{precision}-{decoding}" if len(cfg.bundles) == 1 else f"{Path(bundle).name}:{precision}-{decoding}"
+                name = variant_name(bundle, precision, decoding, len(cfg.bundles) > 1)
                 est = Estimator(bundle, EstimatorConfig(precision=precision, decoding=decoding,
                                                         backend=cfg.backend, verify=False))
                 run = _run(name, est, by_image, cfg.images)

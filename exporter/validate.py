@@ -17,6 +17,7 @@ import onnxruntime as ort
 import torch
 
 from posellm.model import PoseLLM
+from runtime.answer import step_confidences
 
 # |ort - torch| <= atol + rtol * max|torch|, per output. fp32: only reduction order differs. fp16: weights and
 # activations rounded to 11-bit mantissas through every layer.
@@ -92,7 +93,7 @@ def _decision_checks(label: str, outs: dict[str, np.ndarray], ref_logits: np.nda
     """The graph's reductions against the reference logits: max_prob vs the softmax max; the chosen token's (and
     digit's) reference logit vs the reference maximum, so a near-tie flipped by rounding passes within tolerance."""
     ref = ref_logits.astype(np.float64)
-    max_prob = 1.0 / np.exp(ref - ref.max(-1, keepdims=True)).sum(-1)
+    max_prob = step_confidences(ref)  # what the reference scores with
     digits = ref[..., list(digit_ids)]
     chosen = np.take_along_axis(ref, outs["argmax"][..., None].astype(np.int64), -1)[..., 0]
     chosen_digit = np.take_along_axis(digits, outs["digit_argmax"][..., None].astype(np.int64), -1)[..., 0]

@@ -60,7 +60,6 @@ class _Cuda:
         self.rt = cudart
         self.h2d = cudart.cudaMemcpyKind.cudaMemcpyHostToDevice
         self.d2h = cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
-        self.d2d = cudart.cudaMemcpyKind.cudaMemcpyDeviceToDevice
 
     def call(self, result: Any) -> Any:
         err, rest = result[0], result[1:]
