@@ -133,7 +133,8 @@ def build_model(preset_name: str, layers: int | None, tok: PromptTokenizer, devi
                 dtype: torch.dtype, seed: int) -> PoseLLM:
     """Random model built on `device` in fp32 (every init op exists there), then cast: the transient fp32 copy
     lives on the device (4 B/param: 8.8 GB at 8 layers, 28 GB at 32); host RAM only sees the saved fp16 copy."""
-    cfg = preset(preset_name, vocab_size=tok.tokenizer.get_vocab_size(), image_token_id=tok.special.image)
+    # LocLLM's layout: the table has the tokenizer's base vocabulary, <im_patch> is the id just past it
+    cfg = preset(preset_name, vocab_size=tok.special.image, image_token_id=tok.special.image)
     llm = cfg.llm if layers is None else dataclasses.replace(cfg.llm, num_hidden_layers=layers)
     cfg = cfg.replace(llm=llm, lora=LoRAConfig())  # no adapters: nothing to merge, same model on both sides
     torch.manual_seed(seed)

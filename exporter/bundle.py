@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from posellm.checkpoint import checkpoint_hash, load_checkpoint
+from posellm.config import ConfigError
 from posellm.model import PoseLLM
 from runtime.errors import InputError
 from runtime.keypoints import standard_keypoints
@@ -97,9 +98,10 @@ def export_bundle(cfg: ExportConfig, log=print) -> ExportResult:
     model = load_checkpoint(Path(cfg.checkpoint)).float().eval()
     if model.has_lora():
         model.merge_lora()
-    if tok.special.image >= model.cfg.llm.vocab_size:
-        raise InputError(f"tokenizer's <im_patch> id {tok.special.image} is outside the model vocab "
-                         f"({model.cfg.llm.vocab_size})")
+    try:
+        model.cfg.check_image_token(tok.special.image, f"{cfg.checkpoint} tokenizer")
+    except ConfigError as e:
+        raise InputError(str(e)) from e
     prompts = _prompts(tok, model.cfg.num_patches)
     prefix_len = len(prompts.prefix_ids) + model.cfg.num_patches
     longest = max(len(k.suffix_ids) for k in prompts.keypoints) + 13  # suffix + the whole answer

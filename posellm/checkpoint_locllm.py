@@ -14,6 +14,8 @@ from typing import Any, Literal
 import torch
 from safetensors.torch import load_file, save_file
 
+from runtime.paths import UnsafePathError, inside
+
 from .checkpoint import (LOCLLM_CONFIG, CheckpointError, atomic_dir, build_from_state, copy_tokenizer,
                          read_json)
 from .config import ConfigError, LLMConfig, LoRAConfig, PoseLLMConfig, VisionConfig
@@ -58,12 +60,13 @@ def read_weights(root: Path) -> dict[str, torch.Tensor]:
             weight_map = read_json(index).get("weight_map")
             if not isinstance(weight_map, dict):
                 raise CheckpointError(f"{index}: no 'weight_map' object")
-            files = [root / name for name in sorted(set(weight_map.values()))]
+            names = dict.fromkeys(weight_map.values())  # distinct, in first-seen order (names may not be str)
+            files = [_inside(root, name, f"{index} weight_map") for name in names]
             absent = [f.name for f in files if not f.is_file()]
             if absent:
                 raise CheckpointError(f"{index}: shard files missing: {absent}")
         else:
-            files = sorted(root.glob(pattern))
+            files = [_inside(root, f.name, f"{root}") for f in sorted(root.glob(pattern))]  # a symlink out fails
             if not files:
                 continue
         state: dict[str, torch.Tensor] = {}
@@ -76,6 +79,13 @@ def read_weights(root: Path) -> dict[str, torch.Tensor]:
         return state
     raise CheckpointError(f"{root}: no weights: expected model*.safetensors or pytorch_model*.bin "
                           f"(sharded with their .index.json)")
+
+
+def _inside(root: Path, name: object, where: str) -> Path:
+    try:
+        return inside(root, name, where)  # type: ignore[arg-type]  # a non-string is reported, not assumed
+    except UnsafePathError as e:
+        raise CheckpointError(str(e)) from e
 
 
 def _vision_from_shapes(state: dict[str, torch.Tensor], root: Path) -> VisionConfig:
@@ -196,15 +206,24 @@ def locllm_config(cfg: PoseLLMConfig) -> dict[str, Any]:
     }
 
 
+def is_llm_base(locllm_key: str) -> bool:
+    """LLM tensors LocLLM's training casts to bf16 (`model.model`, `lm_head`); its LoRA factors go back to fp32."""
+    return locllm_key.startswith(("model.", "lm_head.")) and "lora_" not in locllm_key
+
+
 def save_locllm(model: PoseLLM, out_dir: str | Path, tokenizer_dir: str | Path | None = None, *,
                 safetensors: bool = False, max_shard_bytes: int | None = None, inv_freq: bool = True,
-                overwrite: bool = False) -> Path:
-    """Write `model` in LocLLM's original layout (with 4.31-style inv_freq buffers unless `inv_freq=False`)."""
+                llm_dtype: torch.dtype | None = torch.bfloat16, overwrite: bool = False) -> Path:
+    """Write `model` as LocLLM's training saves it (utils/train2d.py): the LLM base weights (and the 4.31-style
+    RoPE inv_freq buffers, unless `inv_freq=False`) in `llm_dtype` — bf16, as its trainer casts them — while the
+    ViT, the projector and every LoRA factor stay fp32; `llm_dtype=None` keeps the model's own dtypes."""
     state = {to_locllm(k): v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
     if inv_freq:
         freq = rope_inv_freq(model.cfg.llm.head_dim, model.cfg.llm.rope_theta)
         for i in range(model.cfg.llm.num_hidden_layers):
             state[f"model.layers.{i}.self_attn.rotary_emb.inv_freq"] = freq.clone()
+    if llm_dtype is not None:
+        state = {k: v.to(llm_dtype) if is_llm_base(k) and v.is_floating_point() else v for k, v in state.items()}
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
     for key, value in state.items():  # greedy sharding in key order, as transformers does

@@ -36,7 +36,7 @@ class VisionConfig:
 class LLMConfig:
     """LLaMA fields (HF LlamaConfig names)."""
 
-    vocab_size: int = 32001
+    vocab_size: int = 32000  # Vicuna/LLaMA; LocLLM never resizes the table for <im_patch>
     hidden_size: int = 4096
     intermediate_size: int = 11008
     num_hidden_layers: int = 32
@@ -71,6 +71,8 @@ class PoseLLMConfig:
     connector: Literal["linear", "mlp2x_gelu"] = "mlp2x_gelu"
     crop_size: int = 224
     normalization: Literal["clip", "dino"] = "clip"
+    # LocLLM adds `<im_patch>` to the tokenizer as id vocab_size without resizing the embedding table: image
+    # positions are never looked up in it (their embeddings are the image features), so id == vocab_size is valid.
     image_token_id: int = 32000
     lora: LoRAConfig = field(default_factory=LoRAConfig)
 
@@ -85,8 +87,17 @@ class PoseLLMConfig:
         if self.vision.embed_dim % self.vision.num_heads:
             raise ConfigError(f"vision embed_dim={self.vision.embed_dim} not divisible by "
                               f"num_heads={self.vision.num_heads}")
-        if not 0 <= self.image_token_id < self.llm.vocab_size:
-            raise ConfigError(f"image_token_id={self.image_token_id} outside vocab_size={self.llm.vocab_size}")
+        if not 0 <= self.image_token_id <= self.llm.vocab_size:
+            raise ConfigError(f"image_token_id={self.image_token_id} is beyond vocab_size={self.llm.vocab_size}: "
+                              f"expected an id in the table or the one just after it (LocLLM's <im_patch> = "
+                              f"vocab_size)")
+
+    def check_image_token(self, tokenizer_id: int, tokenizer_source: str) -> None:
+        """The tokenizer's `<im_patch>` id must be the one the weights were trained with (config `im_patch_token`)."""
+        if tokenizer_id != self.image_token_id:
+            raise ConfigError(f"{tokenizer_source}: <im_patch> id {tokenizer_id} disagrees with the model config's "
+                              f"image token id {self.image_token_id} (im_patch_token): tokenizer and weights do "
+                              f"not belong together")
 
     @property
     def grid(self) -> int:
@@ -137,7 +148,7 @@ def preset(name: str, *, vocab_size: int | None = None, image_token_id: int | No
     elif name == "tiny":
         cfg = PoseLLMConfig(
             vision=VisionConfig(embed_dim=128, depth=2, num_heads=2, patch_size=14, pos_grid=37),
-            llm=LLMConfig(vocab_size=32001, hidden_size=64, intermediate_size=176, num_hidden_layers=2,
+            llm=LLMConfig(vocab_size=32000, hidden_size=64, intermediate_size=176, num_hidden_layers=2,
                           num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=1024),
             lora=LoRAConfig(llm_enable=True, llm_r=4, llm_alpha=8, vision_enable=True, vision_r=4,
                             vision_alpha=8, dropout=0.0),

@@ -57,7 +57,9 @@ class PoseLLM(nn.Module):
         n = image_embeds.shape[1]
         if bool((counts != n).any()):
             raise ValueError(f"each prompt must hold exactly {n} <im_patch> tokens, got {counts.tolist()}")
-        embeds = self.llm.get_input_embeddings()(input_ids)
+        # Image positions are never looked up (LocLLM embeds only the text around the patch run): their id may be
+        # vocab_size, one past the table. Any in-range id serves as the placeholder; the splice overwrites it.
+        embeds = self.llm.get_input_embeddings()(input_ids.masked_fill(is_image, 0))
         mask = is_image.unsqueeze(-1).expand_as(embeds)
         return embeds.masked_scatter(mask, image_embeds.to(embeds.dtype))
 

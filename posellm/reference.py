@@ -34,6 +34,7 @@ class Generation:
 class ReferenceEstimator:
     def __init__(self, model: PoseLLM, tokenizer: PromptTokenizer, dtype: torch.dtype = torch.float32,
                  keypoints: list[tuple[str, str]] | None = None) -> None:
+        model.cfg.check_image_token(tokenizer.special.image, "reference tokenizer")
         self.model = model.to(dtype).eval()
         self.tok = tokenizer
         self.dtype = dtype

@@ -7,6 +7,9 @@ added special token after the base vocabulary. Built deterministically from the 
 """
 from __future__ import annotations
 
+import itertools
+import json
+
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
 from runtime.keypoints import standard_keypoints
@@ -25,7 +28,10 @@ def _corpus() -> list[str]:
     return texts
 
 
-def build_small_tokenizer(vocab_size: int = 600) -> Tokenizer:
+def build_small_tokenizer(vocab_size: int = 600, base_vocab: int | None = None) -> Tokenizer:
+    """`base_vocab` pads the model vocabulary with never-produced pieces (`<0xNN>` byte tokens, then `<unused_i>`)
+    to exactly that many ids before `<im_patch>` is added, which then gets id `base_vocab` — the layout of a
+    LocLLM checkpoint's tokenizer (LLaMA's 32000 pieces + `<im_patch>` = 32000)."""
     tok = Tokenizer(models.BPE(unk_token="<unk>", fuse_unk=True, byte_fallback=False))
     tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
     # Digits and answer punctuation never merge with neighbours (LLaMA splits digits too).
@@ -37,8 +43,24 @@ def build_small_tokenizer(vocab_size: int = 600) -> Tokenizer:
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS, show_progress=False,
                                   initial_alphabet=list("0123456789.,[]▁"))
     tok.train_from_iterator(_corpus(), trainer=trainer)
+    if base_vocab is not None:
+        tok = _padded(tok, base_vocab)
     tok.add_special_tokens([IMAGE_TOKEN])
     return tok
+
+
+def _padded(tok: Tokenizer, size: int) -> Tokenizer:
+    data = json.loads(tok.to_str())
+    vocab: dict[str, int] = data["model"]["vocab"]
+    if size < len(vocab):
+        raise ValueError(f"base_vocab={size} is smaller than the trained vocabulary ({len(vocab)})")
+    fillers = (f"<0x{b:02X}>" for b in range(256))
+    extra = (f"<unused_{i}>" for i in range(size))
+    for piece in itertools.chain(fillers, extra):
+        if len(vocab) == size:
+            break
+        vocab.setdefault(piece, len(vocab))
+    return Tokenizer.from_str(json.dumps(data))
 
 
 if __name__ == "__main__":

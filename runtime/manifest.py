@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from .errors import BundleError
+from .onnx_external import external_data_locations
+from .paths import inside
 
 SCHEMA_VERSION = 2  # 2: the decoder takes the shared prefix K/V as its own inputs (prefix_key_values.*)
 SUPPORTED_SCHEMA_VERSIONS = (2,)
@@ -190,9 +192,49 @@ def load_manifest(bundle: str | Path, verify: bool = True) -> Manifest:
     if not path.is_file():
         raise BundleError(f"{path}: no manifest.json — is {bundle} a posellm-edge bundle?")
     manifest = Manifest.from_json(path.read_text())
+    check_paths(bundle, manifest)  # before any listed file is opened
     if verify:
         verify_files(bundle, manifest)
+    check_external_data(bundle, manifest)  # after hashing, so a corrupt graph is reported as such
     return manifest
+
+
+def named_paths(manifest: Manifest) -> list[tuple[str, str]]:
+    """(where, relative path) of every file the manifest names."""
+    named = [("tokenizer", manifest.tokenizer)] + [(f"files[{rel!r}]", rel) for rel in manifest.files]
+    for precision, v in manifest.variants.items():
+        where = f"variants.{precision}"
+        named.append((f"{where}.embedding", v.embedding))
+        for graph in ("vision", "decoder"):
+            spec: GraphSpec = getattr(v, graph)
+            named.append((f"{where}.{graph}.file", spec.file))
+            named += [(f"{where}.{graph}.external_data", e) for e in spec.external_data]
+        named += [(f"{where}.engines.{e.graph}", e.file) for e in v.engines]
+        if v.calibration and isinstance(v.calibration.get("artifact"), str):
+            named.append((f"{where}.calibration.artifact", v.calibration["artifact"]))
+    return named
+
+
+def check_paths(bundle: Path, manifest: Manifest) -> None:
+    """Every path the manifest names stays inside the bundle (runtime.paths)."""
+    for where, rel in named_paths(manifest):
+        inside(bundle, rel, f"{bundle / MANIFEST_NAME} {where}")
+
+
+def check_external_data(bundle: Path, manifest: Manifest) -> None:
+    """Every external-data file an ONNX graph names stays inside the graph's folder and is a file the manifest
+    lists (so it is hashed too): onnxruntime and TensorRT would otherwise read whatever the graph says."""
+    graphs = {spec.file for v in manifest.variants.values() for spec in (v.vision, v.decoder)}
+    for rel in sorted(graphs):
+        graph = bundle / rel
+        if not graph.is_file():
+            continue  # reported by verify_files / the runner, with the manifest's wording
+        for location in external_data_locations(graph):
+            data = inside(graph.parent, location, f"{graph} external data")
+            listed = data.resolve().relative_to(bundle.resolve()).as_posix()
+            if manifest.files and listed not in manifest.files:
+                raise BundleError(f"{graph}: external data {location!r} is not a file the manifest lists (and "
+                                  f"hashes); re-export the bundle")
 
 
 def verify_files(bundle: Path, manifest: Manifest) -> None:

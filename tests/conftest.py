@@ -40,3 +40,23 @@ def grammar_checkpoint(tmp_path_factory, tokenizer_dir) -> Path:
     out = tmp_path_factory.mktemp("grammar") / "tiny"
     save_native(tiny.grammar_model(tokenizer_dir), out, tokenizer_dir)
     return out
+
+
+@pytest.fixture(scope="session")
+def locllm_tokenizer_dir(tmp_path_factory) -> Path:
+    return tiny.locllm_tokenizer_dir(tmp_path_factory.mktemp("locllm-tok"))
+
+
+@pytest.fixture(scope="session")
+def locllm_checkpoint(tmp_path_factory, locllm_tokenizer_dir) -> Path:
+    """A tiny checkpoint exactly as LocLLM's training writes it: <im_patch> = vocab_size = 32000, bf16 LLM, fp32
+    ViT/projector/LoRA, two .bin shards + index (tiny.locllm_checkpoint)."""
+    return tiny.locllm_checkpoint(tmp_path_factory.mktemp("locllm") / "ckpt", locllm_tokenizer_dir, seed=5)
+
+
+@pytest.fixture(scope="session")
+def locllm_bundle(tmp_path_factory, locllm_checkpoint) -> Path:
+    from exporter.bundle import ExportConfig, export_bundle
+    out = tmp_path_factory.mktemp("locllm-bundle") / "b"
+    export_bundle(ExportConfig(locllm_checkpoint, out, precisions=("fp32", "fp16"), max_persons=3))
+    return out

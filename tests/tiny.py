@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +24,43 @@ def tiny_tokenizer_dir(root: Path) -> Path:
     d.mkdir(parents=True, exist_ok=True)
     build_small_tokenizer().save(str(d / "tokenizer.json"))
     return d
+
+
+LOCLLM_VOCAB = 32000  # LLaMA's vocabulary; LocLLM's `<im_patch>` is id 32000, one past the embedding table
+
+
+def locllm_tokenizer_dir(root: Path) -> Path:
+    """The tokenizer files LocLLM's trainer saves, with a tokenizer of LLaMA's id layout: 32000 pieces and
+    `<im_patch>` added as 32000 (added_tokens.json), pad = `<unk>`. tokenizer.json stands in for tokenizer.model
+    (no SentencePiece model of 32000 pieces can be trained here; tests with ../shared use the real one)."""
+    d = root / "locllm-tokenizer"
+    d.mkdir(parents=True, exist_ok=True)
+    tok = build_small_tokenizer(base_vocab=LOCLLM_VOCAB)
+    tok.save(str(d / "tokenizer.json"))
+    (d / "added_tokens.json").write_text(json.dumps({"<im_patch>": tok.token_to_id("<im_patch>")}) + "\n")
+    (d / "special_tokens_map.json").write_text(json.dumps(
+        {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<unk>"}) + "\n")
+    (d / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "LlamaTokenizer", "model_max_length": 512, "padding_side": "right",
+         "add_bos_token": True, "add_eos_token": False}) + "\n")
+    return d
+
+
+def locllm_checkpoint(out: Path, tokenizer_dir: Path, connector: str = "mlp2x_gelu", seed: int = 0,
+                      safetensors: bool = False) -> Path:
+    """A tiny checkpoint as LocLLM's training writes it (utils/train2d.py + transformers 4.31 save_pretrained):
+    config.json with vocab_size 32000 and im_patch_token 32000, LLM base weights bf16, ViT / projector / LoRA fp32,
+    two `pytorch_model-0000k-of-00002.bin` shards (or safetensors) with their index."""
+    from exporter.tokenizer import bundle_tokenizer  # reads tokenizer.json or LocLLM's tokenizer.model
+    from posellm.checkpoint import save_locllm
+    image = PromptTokenizer(bundle_tokenizer(tokenizer_dir)).special.image
+    cfg = preset("tiny", vocab_size=image, image_token_id=image, connector=connector)
+    model = tiny_model(cfg, seed=seed)
+    total = sum(v.numel() * v.element_size() for v in model.state_dict().values())
+    save_locllm(model, out, tokenizer_dir, safetensors=safetensors, max_shard_bytes=int(total * 0.45))
+    shards = sorted(p.name for p in out.iterdir() if p.suffix in (".bin", ".safetensors"))
+    assert len(shards) == 2, shards  # the fixture promises exactly what a 7B save looks like: 2 shards + index
+    return out
 
 
 def tiny_config(tokenizer_dir: Path, connector: str = "mlp2x_gelu", lora: bool = True,
@@ -74,6 +112,14 @@ def grammar_model(tokenizer_dir: Path, steps: int = 60, seed: int = 0) -> PoseLL
         loss.backward()
         opt.step()
     return model.eval()
+
+
+def reference_estimator(checkpoint: Path, bundle: Path):
+    """The PyTorch reference loaded from the checkpoint files, with the bundle's tokenizer."""
+    from posellm.checkpoint import load_checkpoint
+    from posellm.reference import ReferenceEstimator
+    tok = PromptTokenizer(Tokenizer.from_file(str(bundle / "tokenizer.json")))
+    return ReferenceEstimator(load_checkpoint(checkpoint).merge_lora(), tok)
 
 
 def random_image(seed: int = 0, size=(240, 320)) -> np.ndarray:

@@ -13,7 +13,7 @@ import tiny
 from exporter import bundle as bundle_mod
 from exporter.bundle import ExportConfig, export_bundle
 from exporter.trt_ops import unsupported_ops
-from posellm.checkpoint import CheckpointError, save_locllm
+from posellm.checkpoint import CheckpointError
 from runtime.errors import BundleError, InputError
 from runtime.manifest import SCHEMA_VERSION, Manifest, load_manifest
 
@@ -44,12 +44,60 @@ def test_native_mlp_bundle_validates(tiny_bundle):
         f"{c}/{out}" for c in calls for out in ("max_prob", "argmax", "digit_argmax")}
 
 
-def test_locllm_linear_bundle_validates(tmp_path, tokenizer_dir, capsys):
-    model = tiny.tiny_model(tiny.tiny_config(tokenizer_dir, connector="linear"), seed=3)
-    save_locllm(model, tmp_path / "locllm", tokenizer_dir)
-    result = export_bundle(ExportConfig(tmp_path / "locllm", tmp_path / "b", precisions=("fp32", "fp16")))
+def test_locllm_training_layout_bundle_validates(locllm_bundle):
+    """LocLLM's own training output (mlp2x_gelu; <im_patch> = vocab_size, bf16 LLM, 2 .bin shards): validated,
+    and the embedding table keeps vocab_size rows (the image token is never looked up)."""
+    assert _print_validation(locllm_bundle)["passed"]
+    m = load_manifest(locllm_bundle)
+    assert m.prompts.image_token_id == m.dims.vocab_size == 32000
+    for precision, v in m.variants.items():
+        assert np.load(locllm_bundle / v.embedding, mmap_mode="r").shape == (32000, m.dims.hidden_size), precision
+
+
+def test_locllm_linear_training_layout_validates(tmp_path, locllm_tokenizer_dir):
+    out = tiny.locllm_checkpoint(tmp_path / "locllm", locllm_tokenizer_dir, connector="linear", seed=3,
+                                 safetensors=True)
+    result = export_bundle(ExportConfig(out, tmp_path / "b", precisions=("fp32", "fp16")))
     print(f"export {result.seconds:.1f}s, peak RSS {result.peak_rss_mb:.0f} MB, sizes {result.file_sizes}")
     assert _print_validation(result.bundle)["passed"]
+
+
+LLAMA = tiny.SHARED / "fixtures" / "llama-tokenizer"
+
+
+@pytest.mark.skipif(not (LLAMA / "tokenizer.model").exists(),
+                    reason=f"{LLAMA} not found (../shared is not part of a user's clone)")
+def test_locllm_checkpoint_with_its_real_tokenizer_files(tmp_path):
+    """The tokenizer files LocLLM's trainer saves (slow LlamaTokenizer: tokenizer.model + added_tokens.json with
+    <im_patch> = 32000, no tokenizer.json) next to the 32000-row model: export, then free decoding = reference."""
+    from runtime.estimator import Estimator
+    tok = tmp_path / "tok"
+    tok.mkdir()
+    shutil.copy(LLAMA / "tokenizer.model", tok / "tokenizer.model")
+    shutil.copy(LLAMA / "tokenizer_config.json", tok / "tokenizer_config.json")
+    (tok / "added_tokens.json").write_text(json.dumps({"<im_patch>": 32000}))
+    (tok / "special_tokens_map.json").write_text(json.dumps(
+        {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<unk>"}))
+    ckpt = tiny.locllm_checkpoint(tmp_path / "ck", tok, seed=7)
+    bundle = export_bundle(ExportConfig(ckpt, tmp_path / "b", precisions=("fp32",), max_persons=2)).bundle
+    m = load_manifest(bundle)
+    assert m.prompts.image_token_id == m.dims.vocab_size == 32000 and m.prompts.prefix_ids == (1, 7084, 29901)
+    image, boxes = tiny.random_image(4), [[10, 20, 100, 150]]
+    ref = tiny.reference_estimator(ckpt, bundle).estimate(image, boxes)
+    got = Estimator(bundle, decoding="free").estimate(image, boxes)
+    assert [r.tokens for r in ref] == [g.tokens for g in got]
+
+
+def test_tokenizer_disagreeing_with_config_names_both_ids(tmp_path, locllm_checkpoint):
+    ckpt = tmp_path / "ck"
+    shutil.copytree(locllm_checkpoint, ckpt)
+    config = json.loads((ckpt / "config.json").read_text())
+    (ckpt / "config.json").write_text(json.dumps({**config, "im_patch_token": 31999}))
+    with pytest.raises(InputError) as err:
+        export_bundle(ExportConfig(ckpt, tmp_path / "b"))
+    print(err.value)
+    assert "<im_patch> id 32000" in str(err.value) and "image token id 31999" in str(err.value)
+    assert not (tmp_path / "b").exists()
 
 
 def test_graphs_pass_checker_and_trt_op_list(tiny_bundle):

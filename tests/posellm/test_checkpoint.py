@@ -20,10 +20,12 @@ except ImportError:  # a plain checkout without an install: make the repo root i
 from posellm import checkpoint as ck  # noqa: E402
 from posellm.checkpoint import (CheckpointError, apply_peft_adapter, checkpoint_hash, load_checkpoint,  # noqa: E402
                                 load_locllm, load_native, merge_lora, save_locllm, save_native, tokenizer_files)
-from posellm.config import LoRAConfig, PoseLLMConfig, VisionConfig, preset  # noqa: E402
+from posellm.checkpoint_locllm import is_llm_base, to_locllm  # noqa: E402
+from posellm.config import ConfigError, LoRAConfig, PoseLLMConfig, VisionConfig, preset  # noqa: E402
 from posellm.model import PoseLLM  # noqa: E402
 
-VOCAB, IMAGE_ID = 301, 300
+# LocLLM's layout: LLaMA's 32000-row table, `<im_patch>` = 32000 just past it (never looked up).
+VOCAB, IMAGE_ID = 32000, 32000
 
 
 def tiny_cfg(connector: str = "mlp2x_gelu", *, vision: VisionConfig | None = None) -> PoseLLMConfig:
@@ -77,6 +79,17 @@ def tok_dir(tmp_path: Path) -> Path:
     return d
 
 
+def as_trained_by_locllm(model: PoseLLM) -> PoseLLM:
+    """What a LocLLM checkpoint of `model` holds, widened back: LLM base weights rounded to bf16 (its trainer casts
+    `model.model` and `lm_head`), ViT / projector / LoRA factors untouched."""
+    out = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, t in [*out.named_parameters(), *out.named_buffers()]:
+            if is_llm_base(to_locllm(name)) and t.is_floating_point() and "rotary_emb" not in name:
+                t.copy_(t.to(torch.bfloat16).float())
+    return out
+
+
 def assert_same_state(a: PoseLLM, b: PoseLLM) -> None:
     sa, sb = a.state_dict(), b.state_dict()
     assert sa.keys() == sb.keys()
@@ -94,10 +107,15 @@ def test_locllm_import_matches_native(tmp_path: Path, tok_dir: Path, connector: 
     assert "model.layers.0.self_attn.rotary_emb.inv_freq" in saved and "lm_head.weight" in saved
     assert "vision_model.blocks.0.ls1.gamma" in saved and "model.layers.0.self_attn.q_proj.lora_B" in saved
     assert "vision_model.embed_dim" not in json.loads((out / "config.json").read_text())
+    assert saved["lm_head.weight"].dtype == saved["model.layers.0.mlp.up_proj.weight"].dtype == torch.bfloat16
+    assert saved["model.layers.0.self_attn.q_proj.lora_B"].dtype == torch.float32  # LoRA factors back in fp32
+    assert saved["vision_model.blocks.0.ls1.gamma"].dtype == saved["mm_projector.0.weight" if connector ==
+                                                                   "mlp2x_gelu" else "mm_projector.weight"].dtype
     loaded = load_locllm(out)
-    assert loaded.cfg == cfg
-    assert_same_state(model, loaded)
-    assert max_diff(logits(model, cfg), logits(loaded, cfg), f"locllm import vs native [{connector}]") <= 1e-5
+    assert loaded.cfg == cfg and loaded.cfg.image_token_id == loaded.cfg.llm.vocab_size == 32000
+    trained = as_trained_by_locllm(model)
+    assert_same_state(trained, loaded)  # bf16 -> fp32 widening is exact
+    assert max_diff(logits(trained, cfg), logits(loaded, cfg), f"locllm import vs native [{connector}]") <= 1e-5
     assert set(tokenizer_files(out)) == {"tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
                                          "added_tokens.json"}
     assert isinstance(load_checkpoint(out), PoseLLM)
@@ -110,7 +128,7 @@ def test_vit_size_inferred_from_shapes(tmp_path: Path, embed: int, depth: int, p
     model = random_model(cfg)
     loaded = load_locllm(save_locllm(model, tmp_path / "c", inv_freq=False))
     assert loaded.cfg.vision == vision and loaded.cfg.vision.num_heads == embed // 64
-    assert_same_state(model, loaded)
+    assert_same_state(as_trained_by_locllm(model), loaded)
 
 
 def test_bin_safetensors_and_shards_agree(tmp_path: Path) -> None:
@@ -135,7 +153,7 @@ def test_layer_scale_weight_alias(tmp_path: Path) -> None:
     state = load_file(str(out / "model.safetensors"))
     state = {k.replace("ls1.gamma", "ls1.weight"): v for k, v in state.items()}
     save_file(state, str(out / "model.safetensors"))
-    assert_same_state(model, load_locllm(out))
+    assert_same_state(as_trained_by_locllm(model), load_locllm(out))
 
 
 # -- errors -------------------------------------------------------------------------------------------------------
@@ -280,3 +298,71 @@ def test_peft_adapter_merges_like_live_peft(tmp_path: Path, tok_dir: Path) -> No
               str(bundled / "adapter_model.safetensors"))
     with pytest.raises(CheckpointError, match="outside the LLM"):
         load_checkpoint(base_dir)
+
+
+# -- what LocLLM's training writes (utils/train2d.py): <im_patch> = vocab_size, bf16 LLM, 2 shards ---------------
+@pytest.mark.parametrize("safetensors", [False, True])
+def test_training_layout_loads_exactly(tmp_path: Path, safetensors: bool) -> None:
+    import tiny
+    out = tiny.locllm_checkpoint(tmp_path / "ck", tiny.locllm_tokenizer_dir(tmp_path), safetensors=safetensors)
+    config = json.loads((out / "config.json").read_text())
+    assert config["vocab_size"] == config["im_patch_token"] == 32000
+    index = json.loads(next(out.glob("*.index.json")).read_text())
+    stored: dict[str, torch.Tensor] = {}
+    for shard in sorted(set(index["weight_map"].values())):
+        stored.update(load_file(str(out / shard)) if safetensors else
+                      torch.load(out / shard, weights_only=True))
+    dtypes = {k: v.dtype for k, v in stored.items()}
+    assert dtypes["model.embed_tokens.weight"] == dtypes["lm_head.weight"] == torch.bfloat16
+    assert dtypes["model.layers.0.self_attn.q_proj.lora_A"] == torch.float32
+    assert dtypes["vision_model.patch_embed.proj.weight"] == dtypes["mm_projector.0.weight"] == torch.float32
+    assert stored["model.embed_tokens.weight"].shape[0] == 32000  # never resized for <im_patch>
+
+    mixed = load_locllm(out, dtype=None)  # stored dtypes kept
+    master = load_locllm(out)  # the fp32 master
+    assert mixed.llm.lm_head.weight.dtype == torch.bfloat16 and master.llm.lm_head.weight.dtype == torch.float32
+    for key, value in master.state_dict().items():  # every bf16 tensor widened exactly
+        assert torch.equal(value, mixed.state_dict()[key].float()), key
+    px, ids, mask = make_inputs(master.cfg)  # image positions hold id 32000: never looked up in the table
+    with torch.no_grad():
+        out_logits = master(px, ids, attention_mask=mask).logits
+    assert out_logits.shape[-1] == 32000 and torch.isfinite(out_logits).all()
+
+
+def test_image_token_beyond_vocab_names_both_values(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="image_token_id=32001 is beyond vocab_size=32000"):
+        tiny_cfg().replace(image_token_id=32001)
+    out = save_locllm(random_model(tiny_cfg()), tmp_path / "c")
+    config = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps({**config, "im_patch_token": 32001}))
+    with pytest.raises(CheckpointError) as err:
+        load_locllm(out)
+    print(err.value)
+    assert "image_token_id=32001" in str(err.value) and "vocab_size=32000" in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("shard_name", ["../outside.bin", "/tmp/abs.bin", "link.bin", 7])
+def test_shard_index_paths_stay_inside(tmp_path: Path, shard_name: Any) -> None:
+    out = save_locllm(random_model(tiny_cfg()), tmp_path / "c", max_shard_bytes=1 << 20)
+    index_file = out / "pytorch_model.bin.index.json"
+    index = json.loads(index_file.read_text())
+    first = sorted(set(index["weight_map"].values()))[0]
+    outside = tmp_path / "outside.bin"
+    (out / first).rename(outside)
+    if shard_name == "link.bin":
+        (out / "link.bin").symlink_to(outside)
+    index["weight_map"] = {k: (shard_name if v == first else v) for k, v in index["weight_map"].items()}
+    index_file.write_text(json.dumps(index))
+    with pytest.raises(CheckpointError) as err:
+        load_locllm(out)
+    print(err.value)
+    assert "weight_map" in str(err.value) and repr(shard_name) in str(err.value) and "\n" not in str(err.value)
+
+
+def test_unindexed_shard_symlinked_out_is_refused(tmp_path: Path) -> None:
+    out = save_locllm(random_model(tiny_cfg()), tmp_path / "c", safetensors=True)
+    (out / "model.safetensors").rename(tmp_path / "elsewhere.safetensors")
+    (out / "model.safetensors").symlink_to(tmp_path / "elsewhere.safetensors")
+    with pytest.raises(CheckpointError, match="outside"):
+        load_locllm(out)

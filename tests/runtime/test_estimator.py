@@ -19,15 +19,6 @@ BOXES = [[10, 20, 100, 150], [120, 30, 90, 200], [0, 0, 320, 240]]
 SCORE_TOL = 1e-4
 
 
-def _reference(checkpoint: Path, bundle: Path):
-    from tokenizers import Tokenizer
-    from posellm.checkpoint import load_checkpoint
-    from posellm.reference import ReferenceEstimator
-    from runtime.prompts import PromptTokenizer
-    tok = PromptTokenizer(Tokenizer.from_file(str(bundle / "tokenizer.json")))
-    return ReferenceEstimator(load_checkpoint(checkpoint).merge_lora(), tok)
-
-
 def _compare(ref, got, check_tokens: bool = True) -> tuple[int, int, float]:
     same = total = 0
     max_score = 0.0
@@ -50,12 +41,17 @@ def grammar_bundle(tmp_path_factory, grammar_checkpoint) -> Path:
     return out
 
 
-def test_free_mode_token_identical_to_reference(tiny_checkpoint, tiny_bundle):
+@pytest.mark.parametrize("source", ["native", "locllm"])
+def test_free_mode_token_identical_to_reference(source, request):
+    """native: our format, unmerged LoRA; locllm: LocLLM's training output (<im_patch> = vocab_size = 32000, bf16
+    LLM, 2 .bin shards). The reference is loaded from the same files."""
+    checkpoint = request.getfixturevalue(f"{'tiny' if source == 'native' else 'locllm'}_checkpoint")
+    bundle = request.getfixturevalue(f"{'tiny' if source == 'native' else 'locllm'}_bundle")
     image = tiny.random_image(1)
-    ref = _reference(tiny_checkpoint, tiny_bundle).estimate(image, BOXES)
-    got = Estimator(tiny_bundle, decoding="free", max_batch=34).estimate(image, BOXES)  # 2 persons per batch
+    ref = tiny.reference_estimator(checkpoint, bundle).estimate(image, BOXES)
+    got = Estimator(bundle, decoding="free", max_batch=34).estimate(image, BOXES)  # 2 persons per batch
     same, total, max_score = _compare(ref, got)
-    print(f"free vs reference: {same}/{total} token-identical keypoints, max score diff {max_score:.2e}")
+    print(f"{source}: free vs reference: {same}/{total} token-identical keypoints, max score diff {max_score:.2e}")
     assert same == total == 17 * len(BOXES)
     assert max_score <= SCORE_TOL
 
@@ -64,7 +60,7 @@ def test_template_equals_free_when_answers_follow_grammar(grammar_checkpoint, gr
     image = tiny.random_image(2)
     free = Estimator(grammar_bundle, decoding="free").estimate(image, BOXES)
     template = Estimator(grammar_bundle, decoding="template").estimate(image, BOXES)
-    ref = _reference(grammar_checkpoint, grammar_bundle).estimate(image, BOXES)
+    ref = tiny.reference_estimator(grammar_checkpoint, grammar_bundle).estimate(image, BOXES)
     well_formed = sum(not f for r in free for f in r.flags)
     assert well_formed == 17 * len(BOXES), [r.answers for r in free]
     same, total, max_score = _compare(free, template)
