@@ -8,8 +8,9 @@ typed: `NetworkDefinitionCreationFlag.STRONGLY_TYPED` on 10.x, the only mode on 
 
 Optimization profiles (from the manifest, so engines cover what the runtime sends):
 - vision: batch 1..max persons;
-- decoder profile 0, prefill: the prefix call (batch = persons, no prefix input, seq = prompt prefix incl. image
-  tokens) and the keypoint-suffix call (batch up to max persons x keypoints on the persons' shared prefix); no past;
+- decoder profile 0, prefill: the prefix call (batch = persons, a one-token masked dummy prefix, seq = prompt
+  prefix incl. image tokens) and the keypoint-suffix call (batch up to max persons x keypoints on the persons'
+  shared prefix); no past;
 - decoder profile 1, decode: seq 1..4 (template decoding feeds at most `d , 0 .`), the shared prefix, past up to
   the max context minus the prefix.
 """
@@ -81,13 +82,14 @@ def engine_profiles(manifest: Manifest, variant: Variant, max_persons: int) -> d
     suffix_opt = longest_suffix + head
     decode_past_opt = min(ctx, longest_suffix + p.max_new_tokens // 2)
     vision = {"batch": (1, 1, max_persons)}
-    # Prefill: the prefix call (batch = persons, empty prefix, seq = prefix) and the suffix call (batch = rows,
-    # prefix = the shared prefix); neither has a past.
-    prefill = {"batch": (1, keypoints, rows), "persons": (1, 1, max_persons), "prefix": (0, prefix, prefix),
-               "seq": (1, suffix_opt, max_seq), "past": (0, 0, 0), "total": (1, suffix_opt, max_seq)}
+    # Prefill: the prefix call (batch = persons, a one-token masked dummy prefix, seq = prefix) and the suffix call
+    # (batch = rows, prefix = the shared prefix); neither has a past. `total` (the mask) = prefix + past + seq.
+    prefill = {"batch": (1, keypoints, rows), "persons": (1, 1, max_persons), "prefix": (1, prefix, prefix),
+               "seq": (1, suffix_opt, max_seq), "past": (0, 0, 0),
+               "total": (2, prefix + suffix_opt, prefix + max_seq)}
     decode = {"batch": (1, keypoints, rows), "persons": (1, 1, max_persons), "prefix": (prefix, prefix, prefix),
               "seq": (1, 1, DECODE_MAX_SEQ), "past": (1, decode_past_opt, ctx),
-              "total": (2, decode_past_opt + 1, ctx + DECODE_MAX_SEQ)}
+              "total": (prefix + 2, prefix + decode_past_opt + 1, prefix + ctx + DECODE_MAX_SEQ)}
     out = {"vision": (_materialize(variant.vision, vision),),
            "decoder": (_materialize(variant.decoder, prefill), _materialize(variant.decoder, decode))}
     return out

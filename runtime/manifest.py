@@ -16,8 +16,10 @@ from typing import Any
 
 from .errors import BundleError
 
-SCHEMA_VERSION = 2  # 2: the decoder takes the shared prefix K/V as its own inputs (prefix_key_values.*)
-SUPPORTED_SCHEMA_VERSIONS = (2,)
+# 2: the decoder takes the shared prefix K/V as its own inputs (prefix_key_values.*)
+# 3: its attention_mask covers prefix + past + new tokens; the prefix prefill passes a masked one-token dummy prefix
+SCHEMA_VERSION = 3
+SUPPORTED_SCHEMA_VERSIONS = (3,)
 MANIFEST_NAME = "manifest.json"
 
 

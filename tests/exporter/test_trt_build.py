@@ -78,7 +78,7 @@ def test_profiles_cover_every_shape_the_runtime_sends(tiny_bundle):
     assert vision["pixel_values"][0][0] == 1 and vision["pixel_values"][2][0] == m.max_persons
     prefill, decode = profiles["decoder"]
     assert prefill["inputs_embeds"][2][:2] == [rows, max(prefix, longest + 13)]
-    assert [prefill["prefix_key_values.0.key"][k][2] for k in range(3)] == [0, prefix, prefix]
+    assert [prefill["prefix_key_values.0.key"][k][2] for k in range(3)] == [1, prefix, prefix]  # never empty
     assert [prefill["past_key_values.0.key"][k][2] for k in range(3)] == [0, 0, 0]
     assert prefill["prefix_key_values.0.key"][2][0] == m.max_persons
     assert decode["inputs_embeds"][0][1] == 1 and decode["inputs_embeds"][2][:2] == [rows, 4]
