@@ -188,8 +188,21 @@ def network_flags(trt) -> int:
     return 1 << int(flag)
 
 
+def _use_timing_cache(config, path: Path, log: Callable[[str], None]) -> None:
+    """Load the timing cache file; TensorRT refuses one from another device or TensorRT version
+    (`set_timing_cache` returns False): then start a fresh cache, which the build writes back over the old file."""
+    if path.is_file() and config.set_timing_cache(config.create_timing_cache(path.read_bytes()),
+                                                  ignore_mismatch=False):
+        return
+    if path.is_file():
+        log(f"timing cache {path} was refused (another GPU or TensorRT version?); starting a fresh one")
+    if not config.set_timing_cache(config.create_timing_cache(b""), ignore_mismatch=False):
+        raise BuildError(f"TensorRT refused even an empty timing cache for {path}; build without --timing-cache")
+
+
 def build_engine(onnx_path: Path, engine_path: Path, profiles: tuple[dict[str, Any], ...],
-                 workspace_gb: float | None = None, timing_cache: Path | None = None) -> str:
+                 workspace_gb: float | None = None, timing_cache: Path | None = None,
+                 log: Callable[[str], None] = print) -> str:
     """Parse, build strongly typed with the given profiles, serialize; returns the TensorRT version."""
     trt = import_tensorrt()
     logger = trt.Logger(trt.Logger.WARNING)
@@ -210,10 +223,8 @@ def build_engine(onnx_path: Path, engine_path: Path, profiles: tuple[dict[str, A
         for name, (lo, opt, hi) in shapes.items():
             profile.set_shape(name, lo, opt, hi)
         config.add_optimization_profile(profile)
-    cache = None
     if timing_cache is not None:
-        cache = config.create_timing_cache(timing_cache.read_bytes() if timing_cache.is_file() else b"")
-        config.set_timing_cache(cache, ignore_mismatch=False)
+        _use_timing_cache(config, timing_cache, log)
     plan = builder.build_serialized_network(network, config)
     if plan is None:
         raise BuildError(f"{onnx_path}: TensorRT failed to build the engine (see the TensorRT log above)")
@@ -262,7 +273,7 @@ def build_engines(cfg: BuildConfig, log: Callable[[str], None] = print) -> Build
             staged = final.with_name(final.name + ".new")
             built[graph] = staged
             build_engine(bundle / getattr(variant, graph).file, staged, profiles[graph], cfg.workspace_gb,
-                         cfg.timing_cache)
+                         cfg.timing_cache, log)
             seconds[graph] = time.perf_counter() - t0
             log(f"built {final.relative_to(bundle)} (TensorRT {trt.__version__}, strongly typed, "
                 f"{len(profiles[graph])} profile(s)) in {seconds[graph]:.1f}s")

@@ -332,3 +332,34 @@ def test_trt_runner_logic_with_stand_in_tensorrt(bundle, monkeypatch):
     assert {c.profile for c in fakes["decoder"].engine.contexts} == {0, 1}
     with pytest.raises(InputError, match="fit none of the engine's optimization profiles"):
         runners["vision"].profile_for({"pixel_values": (m.max_persons + 1, 3, 224, 224)})
+
+
+# ------------------------------------------------- timing cache refusal (stand-in builder config, no GPU needed)
+class _FakeBuilderConfig:
+    """`IBuilderConfig`'s timing-cache calls: `set_timing_cache` returns False for a cache it refuses."""
+
+    def __init__(self, refuse: set[bytes]):
+        self.refuse, self.set_calls = refuse, []
+
+    def create_timing_cache(self, data: bytes):
+        return types.SimpleNamespace(data=bytes(data))
+
+    def set_timing_cache(self, cache, ignore_mismatch: bool) -> bool:
+        self.set_calls.append(cache.data)
+        return cache.data not in self.refuse
+
+
+def test_refused_timing_cache_starts_a_fresh_one(tmp_path):
+    from exporter.trt_build import _use_timing_cache
+    path = tmp_path / "timing.cache"
+    path.write_bytes(b"cache from another GPU")
+    lines = []
+    config = _FakeBuilderConfig(refuse={b"cache from another GPU"})
+    _use_timing_cache(config, path, lines.append)
+    assert config.set_calls == [b"cache from another GPU", b""]  # refused, then a fresh one
+    assert "was refused" in lines[0] and str(path) in lines[0]
+    config = _FakeBuilderConfig(refuse=set())  # an accepted cache is used as is, silently
+    _use_timing_cache(config, path, lines.append)
+    assert config.set_calls == [b"cache from another GPU"] and len(lines) == 1
+    with pytest.raises(BuildError, match="refused even an empty timing cache"):
+        _use_timing_cache(_FakeBuilderConfig(refuse={b"", b"cache from another GPU"}), path, lines.append)
