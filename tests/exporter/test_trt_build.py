@@ -192,7 +192,7 @@ def test_build_int8_engines_from_qdq_graphs(bundle):
 
 # ------------------------------------------------- TrtRunner logic against a stand-in TensorRT (no GPU needed)
 class _FakeCudart:
-    """Host memory standing in for device memory (ctypes), with the cuda-python call conventions."""
+    """Host memory standing in for device memory (ctypes), with the cuda-python call conventions; counts calls."""
 
     class cudaError_t:  # noqa: N801
         cudaSuccess = "cudaSuccess"
@@ -201,17 +201,39 @@ class _FakeCudart:
         cudaMemcpyHostToDevice, cudaMemcpyDeviceToHost, cudaMemcpyDeviceToDevice = 1, 2, 3
 
     def __init__(self):
+        import collections
         import ctypes
         self.ctypes, self.buffers, self.copies = ctypes, {}, 0
+        self.calls = collections.Counter()
 
-    def cudaMalloc(self, n):  # noqa: N802
+    def _alloc(self, n, kind):
+        self.calls[kind] += 1
         buf = self.ctypes.create_string_buffer(n)
         self.buffers[self.ctypes.addressof(buf)] = buf
         return self.cudaError_t.cudaSuccess, self.ctypes.addressof(buf)
 
-    def cudaFree(self, ptr):  # noqa: N802
+    def cudaMalloc(self, n):  # noqa: N802
+        return self._alloc(n, "cudaMalloc")
+
+    def cudaMallocHost(self, n):  # noqa: N802
+        return self._alloc(n, "cudaMallocHost")
+
+    def cudaMallocAsync(self, n, stream):  # noqa: N802
+        return self._alloc(n, "cudaMallocAsync")
+
+    def _free(self, ptr, kind="cudaFree", stream=None):
+        self.calls[kind] += 1
         self.buffers.pop(ptr, None)
         return (self.cudaError_t.cudaSuccess,)
+
+    def cudaFree(self, ptr):  # noqa: N802
+        return self._free(ptr)
+
+    def cudaFreeHost(self, ptr):  # noqa: N802
+        return self._free(ptr, "cudaFreeHost")
+
+    def cudaFreeAsync(self, ptr, stream):  # noqa: N802
+        return self._free(ptr, "cudaFreeAsync")
 
     def cudaMemcpyAsync(self, dst, src, n, kind, stream):  # noqa: N802
         self.ctypes.memmove(dst, src, n)
@@ -222,9 +244,13 @@ class _FakeCudart:
         return self.cudaError_t.cudaSuccess, 7
 
     def cudaStreamSynchronize(self, stream):  # noqa: N802
+        self.calls["cudaStreamSynchronize"] += 1
         return (self.cudaError_t.cudaSuccess,)
 
-    cudaStreamDestroy = cudaSetDevice = cudaStreamSynchronize
+    def cudaSetDevice(self, device):  # noqa: N802
+        return (self.cudaError_t.cudaSuccess,)
+
+    cudaStreamDestroy = cudaSetDevice
 
 
 def _fake_tensorrt(version: str, onnx_path: Path, profiles: tuple):
@@ -238,37 +264,44 @@ def _fake_tensorrt(version: str, onnx_path: Path, profiles: tuple):
     onnx_types = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int64)": "int64",
                   "tensor(int32)": "int32"}
     dtypes = {i.name: np.dtype(onnx_types[i.type]) for i in session.get_inputs() + session.get_outputs()}
+    shape_cache = {}
 
     class Context:
+        refuse_profile = False  # set to make set_optimization_profile_async fail
+        refuse_address = False  # set to make set_tensor_address fail
+
         def __init__(self):
-            self.shapes, self.addr, self.out, self.profile = {}, {}, None, 0
+            self.shapes, self.addr, self.profile = {}, {}, 0
 
         def set_optimization_profile_async(self, index, stream):
             self.profile = index
-            return True
+            return not self.refuse_profile
 
         def set_input_shape(self, name, shape):
             lo, _, hi = profiles[self.profile][name]
-            self.shapes[name], self.out = tuple(shape), None
+            self.shapes[name] = tuple(shape)
             return all(a <= s <= b for a, s, b in zip(lo, shape, hi))
 
         def set_tensor_address(self, name, ptr):
             self.addr[name] = ptr
+            return not self.refuse_address
 
         def _read(self, name):
             n = int(np.prod(self.shapes[name])) * dtypes[name].itemsize
             return np.frombuffer(ctypes.string_at(self.addr[name], n), dtypes[name]).reshape(self.shapes[name])
 
-        def get_tensor_shape(self, name):
-            if self.out is None:
-                self.out = dict(zip(names_out, session.run(None, {k: self._read(k) for k in names_in})))
-            return self.out[name].shape
+        def get_tensor_shape(self, name):  # shape inference: the graph run on zeros of the set input shapes
+            key = tuple(sorted(self.shapes.items()))
+            if key not in shape_cache:
+                zeros = {k: np.zeros(self.shapes[k], dtypes[k]) for k in names_in}
+                shape_cache[key] = dict(zip(names_out, (o.shape for o in session.run(None, zeros))))
+            return shape_cache[key][name]
 
         def execute_async_v3(self, stream):
+            out = dict(zip(names_out, session.run(None, {k: self._read(k) for k in names_in})))
             for name in names_out:
-                a = np.ascontiguousarray(self.out[name])
+                a = np.ascontiguousarray(out[name])
                 ctypes.memmove(self.addr[name], a.ctypes.data, a.nbytes)
-            self.out = None
             return True
 
     class Engine:
