@@ -396,3 +396,86 @@ def test_refused_timing_cache_starts_a_fresh_one(tmp_path):
     assert config.set_calls == [b"cache from another GPU"] and len(lines) == 1
     with pytest.raises(BuildError, match="refused even an empty timing cache"):
         _use_timing_cache(_FakeBuilderConfig(refuse={b"", b"cache from another GPU"}), path, lines.append)
+
+
+def _stand_in_runners(bundle: Path, monkeypatch, max_persons: int):
+    """TrtRunners over stand-in engines whose profiles were built for `max_persons` (`build --max-persons`)."""
+    import runtime.backends.tensorrt as trt_backend
+    m = load_manifest(bundle)
+    v = m.variants["fp16"]
+    profiles = engine_profiles(m, v, max_persons)
+    cudart = _FakeCudart()
+    monkeypatch.setattr(trt_backend, "_import_cudart", lambda: cudart)
+    runners, fakes = {}, {}
+    for g in ("vision", "decoder"):
+        fakes[g] = _fake_tensorrt("10.3.0", bundle / getattr(v, g).file, profiles[g])
+        (bundle / f"fp16/{g}.plan").write_bytes(b"stand-in")
+        monkeypatch.setitem(sys.modules, "tensorrt", fakes[g])
+        spec = EngineSpec(graph=g, file=f"fp16/{g}.plan", tensorrt_version="10.3.0", profiles=profiles[g])
+        runners[g] = open_runner("tensorrt", bundle, getattr(v, g), spec)
+    return runners, fakes, cudart
+
+
+def test_engine_profile_caps_and_no_allocation_in_the_decode_loop(bundle, monkeypatch):
+    """Engines built for 1 person (bundle: 3): the Estimator batches 1 person per call instead of failing with
+    "fit none of the engine's optimization profiles". After the first call of each kind nothing is allocated:
+    no cudaMalloc/cudaMallocHost, one stream synchronisation per call; the KV cache alone comes from the
+    stream-ordered pool (cudaMallocAsync, no device synchronisation)."""
+    import runtime.estimator as estimator_mod
+    runners, fakes, cudart = _stand_in_runners(bundle, monkeypatch, max_persons=1)
+    m = load_manifest(bundle)
+    assert m.max_persons == 3
+    ref = Estimator(bundle, precision="fp16", threads=2).estimate(tiny.random_image(2), BOXES)
+    monkeypatch.setattr(estimator_mod, "open_runner", lambda backend, bundle, spec, *a, **k:
+                        runners["vision" if spec.file.endswith("vision.onnx") else "decoder"])
+    est = Estimator(bundle, precision="fp16", backend="tensorrt")
+    assert est.max_persons == 1 and est.max_batch == 17
+    calls = []  # (graph, profile, counter delta) per runner call
+    for g, r in runners.items():
+        def traced(inputs, keep_on_device=(), _run=r.run, _g=g, _r=r):
+            before = cudart.calls.copy()
+            out = _run(inputs, keep_on_device)
+            profile = _r.profile_for({n: tuple(np.shape(inputs[n])) for n in _r.inputs})
+            calls.append((_g, profile, cudart.calls - before))
+            return out
+        monkeypatch.setattr(r, "run", traced)
+    seen = set()
+    for decoding in ("template", "free"):
+        est = Estimator(bundle, precision="fp16", backend="tensorrt", decoding=decoding)
+        first = len(calls)
+        got = est.estimate(tiny.random_image(2), BOXES)
+        if decoding == "template":  # 1 person per batch here, 2 in `ref`: same answers, scores within 1e-6
+            diff = max(float(np.abs(g.keypoints[:, 2] - r.keypoints[:, 2]).max()) for g, r in zip(got, ref))
+            print(f"vs onnxruntime (2 persons per batch): max score diff {diff:.1e} (tol 1e-6)")
+            assert all(np.array_equal(g.keypoints[:, :2], r.keypoints[:, :2]) for g, r in zip(got, ref))
+            assert diff <= 1e-6
+        run = calls[first:]
+        assert sum(c[0] == "vision" for c in run) == len(BOXES)  # one person per call: the engine's cap
+        decode = [c for c in run if c[0] == "decoder" and c[1] == 1]
+        n_kv = 2 * m.dims.num_layers
+        print(f"{decoding}: {len(run)} calls, {len(decode)} decode steps; counts per decode step "
+              f"{[dict(c[2]) for c in decode[1:3]]}")
+        assert len(decode) >= 4 * len(BOXES)  # each person is its own batch: several decode steps each
+        for i, (g, profile, delta) in enumerate(run):
+            new_context = g == "decoder" and (g, profile) not in seen  # set_optimization_profile_async: one more
+            seen.add((g, profile))
+            assert delta["cudaStreamSynchronize"] == 1 + new_context, (g, profile, dict(delta))
+            assert delta["cudaMallocAsync"] == (n_kv if g == "decoder" else 0)
+        steady = decode[1:] if decoding == "template" else decode  # free runs after template: already warm
+        assert all(delta["cudaMalloc"] == delta["cudaMallocHost"] == delta["cudaFree"] == 0
+                   for _, _, delta in steady), [dict(d) for _, _, d in steady]
+
+
+def test_trt_runner_checks_profile_and_address_results(bundle, monkeypatch):
+    runners, fakes, _ = _stand_in_runners(bundle, monkeypatch, max_persons=3)
+    est = Estimator(bundle, precision="fp16")
+    est.vision, est.decoder.runner = runners["vision"], runners["decoder"]
+    fakes["decoder"].engine.contexts.clear()
+    type(fakes["decoder"].engine.create_execution_context()).refuse_profile = True
+    with pytest.raises(RuntimeError, match=r"decoder.onnx: TensorRT refused optimization profile 0 of 2"):
+        est.estimate(tiny.random_image(2), BOXES[:1])
+    runners, fakes, _ = _stand_in_runners(bundle, monkeypatch, max_persons=3)
+    type(fakes["vision"].engine.create_execution_context()).refuse_address = True
+    with pytest.raises(RuntimeError, match=r"vision.onnx: TensorRT refused the device address of tensor "
+                                           r"(pixel_values|image_embeds)"):
+        runners["vision"]({"pixel_values": np.zeros((1, 3, 224, 224), np.float32)})
