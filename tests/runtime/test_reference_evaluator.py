@@ -60,7 +60,7 @@ def test_reference_evaluator_gives_onnxruntime_answers(tiny_bundle, monkeypatch,
     want = Estimator(tiny_bundle, precision=precision, decoding=decoding, max_batch=34).estimate(image, BOXES)
     runners: list[ReferenceRunner] = []
 
-    def open_reference(backend, bundle, graph_spec, engine=None, threads=None):
+    def open_reference(backend, bundle, graph_spec, engine=None, threads=None, trt_ep=None):
         runners.append(ReferenceRunner(Path(bundle) / graph_spec.file, graph_spec))
         return runners[-1]
 
