@@ -430,6 +430,8 @@ def test_engine_profile_caps_and_no_allocation_in_the_decode_loop(bundle, monkey
                         runners["vision" if spec.file.endswith("vision.onnx") else "decoder"])
     est = Estimator(bundle, precision="fp16", backend="tensorrt")
     assert est.max_persons == 1 and est.max_batch == 17
+    with pytest.raises(InputError, match=r"max_batch=34 exceeds the decoder engine's profiles \(at most 17"):
+        Estimator(bundle, precision="fp16", backend="tensorrt", max_batch=34)
     calls = []  # (graph, profile, counter delta) per runner call
     for g, r in runners.items():
         def traced(inputs, keep_on_device=(), _run=r.run, _g=g, _r=r):
