@@ -78,9 +78,12 @@ class DecoderGraph(nn.Module):
     keypoint queries), and every row of a group attends to the group's one copy of the prefix K/V (prompt prefix +
     image tokens, `[persons, kv_heads, prefix, D]`) before its own past/new tokens. The prefix is never repeated per
     row, so nothing scales with keypoints × prefix length except the attention itself, and the prefix scores of a
-    group are one matmul. The prefix prefill is a call with an empty prefix (persons = batch); its `present` is
-    then passed as the prefix of every later call. `attention_mask` and `present` cover only the non-prefix tokens
-    (the prefix is never padded: its length is fixed by the model).
+    group are one matmul. `attention_mask` covers prefix + past + new tokens (like transformers'), `present` only
+    the non-prefix ones. The prefix prefill passes a one-token dummy prefix (zeros, masked out: its softmax weight
+    is exactly 0) with persons = batch; its `present` is then the prefix of every later call. So no call has an
+    empty prefix: no MatMul ever has a 0-length dimension (onnxruntime's CUDA EP rejects a 0-length inner dimension
+    before 1.19, microsoft/onnxruntime#21483) and every Reshape's target shape is spelled out from Shape ops, never
+    -1 (with `allowzero=1` the ONNX spec forbids -1 next to a 0, and TensorRT's shuffle layer rejects it).
     """
 
     def __init__(self, model: PoseLLM, logits_positions: int, digit_ids: tuple[int, ...]) -> None:
@@ -113,18 +116,22 @@ class DecoderGraph(nn.Module):
         dtype = inputs_embeds.dtype
         bsz, seq = inputs_embeds.shape[:2]
         persons, prefix_len = prefix[0].shape[0], prefix[0].shape[2]
+        group = bsz // persons  # rows per person, explicit: no -1 in any Reshape (see the class docstring)
         past_len = past[0].shape[2]
         heads, hd = self.num_heads, self.head_dim
         # RoPE in fp32 like transformers, then cast to the activation dtype.
         freqs = position_ids.float()[:, :, None] * self.inv_freq[None, None, :]
         emb = torch.cat((freqs, freqs), dim=-1)
         cos, sin = emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]
-        # Additive mask [B,1,S,P+S] over past+new: causal over the new tokens, padding from attention_mask, finite.
+        # Additive masks, finite: [B,1,1,prefix] over the prefix (padding only: the dummy prefix of the prefix
+        # prefill), [B,1,S,past+S] over past+new (causal over the new tokens, padding from attention_mask).
+        zero, masked = torch.zeros((), dtype=torch.float32), torch.full((), MASK_VALUE, dtype=torch.float32)
+        prefix_bias = torch.where(attention_mask[:, None, None, :prefix_len] > 0, zero, masked)
         key_pos = torch.arange(past_len + seq, device=inputs_embeds.device)
         query_pos = torch.arange(seq, device=inputs_embeds.device) + past_len
-        allowed = (key_pos[None, :] <= query_pos[:, None])[None, None] & (attention_mask[:, None, None, :] > 0)
-        bias = torch.where(allowed, torch.zeros((), dtype=torch.float32),
-                           torch.full((), MASK_VALUE, dtype=torch.float32))
+        allowed = (key_pos[None, :] <= query_pos[:, None])[None, None] & \
+            (attention_mask[:, None, None, prefix_len:] > 0)
+        bias = torch.where(allowed, zero, masked)
         scale = hd ** -0.5
         h = inputs_embeds
         presents = []
@@ -146,16 +153,17 @@ class DecoderGraph(nn.Module):
             q_len = x.shape[1]
             q = attn.q_proj(x).view(bsz, q_len, heads, hd).transpose(1, 2)
             q = q * q_cos + _rotate_half(q) * q_sin
-            # A group's queries side by side: [B,H,S,D] → [persons, H, rows_per_person * S, D].
-            grouped = q.reshape(persons, -1, heads, q_len, hd).transpose(1, 2).reshape(persons, heads, -1, hd)
+            # A group's queries side by side: [B,H,S,D] → [persons, H, group * S, D].
+            grouped = q.reshape(persons, group, heads, q_len, hd).transpose(1, 2) \
+                .reshape(persons, heads, group * q_len, hd)
             s_prefix = (grouped @ self._kv(prefix[2 * i]).transpose(-2, -1)).float() * scale
-            s_prefix = s_prefix.reshape(persons, heads, -1, q_len, prefix_len).transpose(1, 2) \
-                .reshape(bsz, heads, q_len, prefix_len)
+            s_prefix = s_prefix.reshape(persons, heads, group, q_len, prefix_len).transpose(1, 2) \
+                .reshape(bsz, heads, q_len, prefix_len) + prefix_bias
             s_own = (q @ self._kv(k).transpose(-2, -1)).float() * scale + q_bias  # scores and softmax in fp32
             probs = torch.cat((s_prefix, s_own), dim=-1).softmax(dim=-1).to(dtype)
-            p_prefix = probs[..., :prefix_len].reshape(persons, -1, heads, q_len, prefix_len).transpose(1, 2) \
-                .reshape(persons, heads, -1, prefix_len)
-            o_prefix = (p_prefix @ self._kv(prefix[2 * i + 1])).reshape(persons, heads, -1, q_len, hd) \
+            p_prefix = probs[..., :prefix_len].reshape(persons, group, heads, q_len, prefix_len).transpose(1, 2) \
+                .reshape(persons, heads, group * q_len, prefix_len)
+            o_prefix = (p_prefix @ self._kv(prefix[2 * i + 1])).reshape(persons, heads, group, q_len, hd) \
                 .transpose(1, 2).reshape(bsz, heads, q_len, hd)
             o = o_prefix + probs[..., prefix_len:] @ self._kv(v)
             o = o.transpose(1, 2).reshape(bsz, q_len, heads * hd)

@@ -17,6 +17,7 @@ import torch
 from runtime.manifest import GraphSpec, TensorSpec
 
 from .graphs import DecoderGraph, VisionGraph, decoder_io_names
+from .reshape_check import reshape_problems
 
 OPSET = 17  # LayerNormalization is native from 17; TensorRT 10 parses opsets 9–20+
 EXTERNAL_DATA_THRESHOLD = 1 << 30  # beyond ~1 GB of weights the graph keeps them in one `.data` file (2 GB cap)
@@ -24,7 +25,7 @@ _NP = {torch.float32: "float32", torch.float16: "float16", torch.int64: "int64"}
 
 
 def _export(module: torch.nn.Module, args: tuple, path: Path, inputs: list[str], outputs: list[str],
-            dynamic_axes: dict[str, dict[int, str]]) -> None:
+            dynamic_axes: dict[str, dict[int, str]], dynamic_ranges: dict[str, tuple[int, int]]) -> None:
     # Export into a scratch folder: above 2 GB torch writes one file per tensor, which we then gather.
     scratch = path.parent / f".{path.stem}.scratch"
     scratch.mkdir()
@@ -42,15 +43,20 @@ def _export(module: torch.nn.Module, args: tuple, path: Path, inputs: list[str],
         else:  # one `<graph>.data` file beside the graph
             onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
                             location=path.name + ".data", size_threshold=1024)
+        del model
+        # Valid under the ONNX spec, not just under onnxruntime (checked on the file: external weights not loaded).
+        problems = reshape_problems(onnx.load(str(path), load_external_data=False), dynamic_ranges)
+        if problems:
+            raise RuntimeError(f"{path.name}: {len(problems)} spec-invalid Reshape(s): " + "; ".join(problems))
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
 
 def literal_zero_reshapes(model: onnx.ModelProto) -> None:
-    """Give every Reshape `allowzero=1` (opset >= 14): a 0 in the target shape is then a real empty dimension, as in
-    torch, not ONNX's default "copy this dimension from the input". The decoder needs it for the prefix prefill,
-    whose shared-prefix input is empty (shape computed from a 0-length dim). Refuses graphs with a constant shape
-    containing 0, whose meaning would change."""
+    """Give every Reshape `allowzero=1` (opset >= 14): a 0 in a computed target shape is then a real empty dimension,
+    as in torch, not ONNX's default "copy this dimension from the input" (the decoder's past K/V is empty in the
+    prefills). Refuses graphs with a constant shape containing 0, whose meaning would change. Under allowzero=1 a
+    -1 must never meet a 0: `reshape_problems` checks every exported graph for that."""
     constants = {t.name: t for t in model.graph.initializer}
     for node in model.graph.node:
         if node.op_type == "Constant":
@@ -86,9 +92,10 @@ def graph_spec(path: Path, dynamic_ranges: dict[str, tuple[int, int]]) -> GraphS
 
 def export_vision(graph: VisionGraph, path: Path, crop_size: int, max_batch: int) -> GraphSpec:
     dummy = torch.randn(2, 3, crop_size, crop_size)
+    ranges = {"batch": (1, max_batch)}
     _export(graph, (dummy,), path, ["pixel_values"], ["image_embeds"],
-            {"pixel_values": {0: "batch"}, "image_embeds": {0: "batch"}})
-    return graph_spec(path, {"batch": (1, max_batch)})
+            {"pixel_values": {0: "batch"}, "image_embeds": {0: "batch"}}, ranges)
+    return graph_spec(path, ranges)
 
 
 def export_decoder(graph: DecoderGraph, path: Path, dtype: torch.dtype, hidden: int, kv_heads: int,
@@ -96,7 +103,7 @@ def export_decoder(graph: DecoderGraph, path: Path, dtype: torch.dtype, hidden: 
                    max_context: int) -> GraphSpec:
     # Trace with 2 persons × 2 rows, 3 new tokens, a 6-token prefix and 5 past tokens: all distinct, all dynamic.
     n, b, s, lp, p = 2, 4, 3, 6, 5
-    args = [torch.randn(b, s, hidden, dtype=dtype), torch.ones(b, p + s, dtype=torch.int64),
+    args = [torch.randn(b, s, hidden, dtype=dtype), torch.ones(b, lp + p + s, dtype=torch.int64),
             torch.arange(lp + p, lp + p + s).expand(b, s).contiguous()]
     args += [torch.randn(n, kv_heads, lp, head_dim, dtype=dtype) for _ in range(2 * num_layers)]
     args += [torch.randn(b, kv_heads, p, head_dim, dtype=dtype) for _ in range(2 * num_layers)]
@@ -109,11 +116,11 @@ def export_decoder(graph: DecoderGraph, path: Path, dtype: torch.dtype, hidden: 
     for name in inputs[3:]:
         axes[name] = {0: "persons", 2: "prefix"} if name.startswith("prefix_") else {0: "batch", 2: "past"}
     for name in outputs[4:]:
-        axes[name] = {0: "batch", 2: "total"}
-    _export(graph, tuple(args), path, inputs, outputs, axes)
-    # The prefix is either absent (the prefix prefill itself) or exactly the model's prompt prefix + image tokens;
-    # past/total count only the tokens after it (max_context counts everything).
+        axes[name] = {0: "batch", 2: "present"}  # past + seq
+    # The prefix is either the prefix prefill's one masked dummy token or exactly the model's prompt prefix + image
+    # tokens; past counts only the tokens after it, `total` (the mask) all of them (max_context counts everything).
     suffix_context = max_context - prefix_len
-    return graph_spec(path, {"batch": (1, max_batch), "persons": (1, max_persons), "prefix": (0, prefix_len),
-                             "seq": (1, max_seq), "past": (0, suffix_context),
-                             "total": (1, suffix_context + max_seq)})
+    ranges = {"batch": (1, max_batch), "persons": (1, max_persons), "prefix": (1, prefix_len), "seq": (1, max_seq),
+              "past": (0, suffix_context), "total": (2, max_context + max_seq)}
+    _export(graph, tuple(args), path, inputs, outputs, axes, ranges)
+    return graph_spec(path, ranges)

@@ -8,8 +8,9 @@ typed: `NetworkDefinitionCreationFlag.STRONGLY_TYPED` on 10.x, the only mode on 
 
 Optimization profiles (from the manifest, so engines cover what the runtime sends):
 - vision: batch 1..max persons;
-- decoder profile 0, prefill: the prefix call (batch = persons, no prefix input, seq = prompt prefix incl. image
-  tokens) and the keypoint-suffix call (batch up to max persons x keypoints on the persons' shared prefix); no past;
+- decoder profile 0, prefill: the prefix call (batch = persons, a one-token masked dummy prefix, seq = prompt
+  prefix incl. image tokens) and the keypoint-suffix call (batch up to max persons x keypoints on the persons'
+  shared prefix); no past;
 - decoder profile 1, decode: seq 1..4 (template decoding feeds at most `d , 0 .`), the shared prefix, past up to
   the max context minus the prefix.
 """
@@ -25,10 +26,10 @@ from typing import Any, Callable
 
 from runtime.errors import BundleError, InputError, PoseLLMEdgeError
 from runtime.manifest import EngineSpec, GraphSpec, Manifest, Variant, load_manifest, sha256_file, write_manifest
+from runtime.profiles import engine_profiles
 
 PRECISIONS = ("fp32", "fp16", "int8")
 GRAPHS = ("vision", "decoder")
-DECODE_MAX_SEQ = 4  # template decoding feeds `d , 0 .` in one pass; free decoding feeds 1 token
 MIN_TENSORRT = 10
 
 
@@ -65,51 +66,6 @@ class BuildResult:
     engines: tuple[EngineSpec, ...]  # empty with commands_only
     tensorrt_version: str | None
     seconds: dict[str, float]  # per graph build time
-
-
-# ------------------------------------------------------------------------------------------------- profiles
-def engine_profiles(manifest: Manifest, variant: Variant, max_persons: int) -> dict[str, tuple[dict[str, Any], ...]]:
-    """Per graph, the optimization profiles as {input name: [min, opt, max] shape}."""
-    p = manifest.prompts
-    keypoints = len(p.keypoints)
-    prefix = len(p.prefix_ids) + p.num_image_tokens
-    longest_suffix = max(len(k.suffix_ids) for k in p.keypoints)
-    head = p.digit_positions[0] if p.answer_template_ids else 0  # `▁[ 0 .` rides with the suffix prefill
-    max_seq = max(prefix, longest_suffix + p.max_new_tokens)
-    rows = max_persons * keypoints
-    ctx = manifest.max_context - prefix  # the decoder's past/present never hold the shared prefix
-    suffix_opt = longest_suffix + head
-    decode_past_opt = min(ctx, longest_suffix + p.max_new_tokens // 2)
-    vision = {"batch": (1, 1, max_persons)}
-    # Prefill: the prefix call (batch = persons, empty prefix, seq = prefix) and the suffix call (batch = rows,
-    # prefix = the shared prefix); neither has a past.
-    prefill = {"batch": (1, keypoints, rows), "persons": (1, 1, max_persons), "prefix": (0, prefix, prefix),
-               "seq": (1, suffix_opt, max_seq), "past": (0, 0, 0), "total": (1, suffix_opt, max_seq)}
-    decode = {"batch": (1, keypoints, rows), "persons": (1, 1, max_persons), "prefix": (prefix, prefix, prefix),
-              "seq": (1, 1, DECODE_MAX_SEQ), "past": (1, decode_past_opt, ctx),
-              "total": (2, decode_past_opt + 1, ctx + DECODE_MAX_SEQ)}
-    out = {"vision": (_materialize(variant.vision, vision),),
-           "decoder": (_materialize(variant.decoder, prefill), _materialize(variant.decoder, decode))}
-    return out
-
-
-def _materialize(spec: GraphSpec, dims: dict[str, tuple[int, int, int]]) -> dict[str, Any]:
-    """Shapes of every input for min/opt/max dim values; checks them against the graph's exported ranges."""
-    for name, (lo, opt, hi) in dims.items():
-        if not lo <= opt <= hi:
-            raise InputError(f"{spec.file}: profile for dim {name!r} is min {lo}, opt {opt}, max {hi}")
-        exported = spec.dynamic_ranges.get(name)
-        if exported is not None and (lo < exported[0] or hi > exported[1]):
-            raise InputError(f"{spec.file}: engine range {name}={lo}..{hi} exceeds the graph's exported range "
-                             f"{exported[0]}..{exported[1]}; re-export with larger limits (--max-persons, "
-                             "--max-context) or build with a smaller --max-persons")
-    profile = {}
-    for t in spec.inputs:
-        missing = [s for s in t.shape if isinstance(s, str) and s not in dims]
-        if missing:
-            raise BundleError(f"{spec.file}: input {t.name} has dynamic dims {missing} with no profile range")
-        profile[t.name] = [[s if isinstance(s, int) else dims[s][k] for s in t.shape] for k in range(3)]
-    return profile
 
 
 # --------------------------------------------------------------------------------------------------- trtexec
@@ -186,8 +142,21 @@ def network_flags(trt) -> int:
     return 1 << int(flag)
 
 
+def _use_timing_cache(config, path: Path, log: Callable[[str], None]) -> None:
+    """Load the timing cache file; TensorRT refuses one from another device or TensorRT version
+    (`set_timing_cache` returns False): then start a fresh cache, which the build writes back over the old file."""
+    if path.is_file() and config.set_timing_cache(config.create_timing_cache(path.read_bytes()),
+                                                  ignore_mismatch=False):
+        return
+    if path.is_file():
+        log(f"timing cache {path} was refused (another GPU or TensorRT version?); starting a fresh one")
+    if not config.set_timing_cache(config.create_timing_cache(b""), ignore_mismatch=False):
+        raise BuildError(f"TensorRT refused even an empty timing cache for {path}; build without --timing-cache")
+
+
 def build_engine(onnx_path: Path, engine_path: Path, profiles: tuple[dict[str, Any], ...],
-                 workspace_gb: float | None = None, timing_cache: Path | None = None) -> str:
+                 workspace_gb: float | None = None, timing_cache: Path | None = None,
+                 log: Callable[[str], None] = print) -> str:
     """Parse, build strongly typed with the given profiles, serialize; returns the TensorRT version."""
     trt = import_tensorrt()
     logger = trt.Logger(trt.Logger.WARNING)
@@ -208,10 +177,8 @@ def build_engine(onnx_path: Path, engine_path: Path, profiles: tuple[dict[str, A
         for name, (lo, opt, hi) in shapes.items():
             profile.set_shape(name, lo, opt, hi)
         config.add_optimization_profile(profile)
-    cache = None
     if timing_cache is not None:
-        cache = config.create_timing_cache(timing_cache.read_bytes() if timing_cache.is_file() else b"")
-        config.set_timing_cache(cache, ignore_mismatch=False)
+        _use_timing_cache(config, timing_cache, log)
     plan = builder.build_serialized_network(network, config)
     if plan is None:
         raise BuildError(f"{onnx_path}: TensorRT failed to build the engine (see the TensorRT log above)")
@@ -260,7 +227,7 @@ def build_engines(cfg: BuildConfig, log: Callable[[str], None] = print) -> Build
             staged = final.with_name(final.name + ".new")
             built[graph] = staged
             build_engine(bundle / getattr(variant, graph).file, staged, profiles[graph], cfg.workspace_gb,
-                         cfg.timing_cache)
+                         cfg.timing_cache, log)
             seconds[graph] = time.perf_counter() - t0
             log(f"built {final.relative_to(bundle)} (TensorRT {trt.__version__}, strongly typed, "
                 f"{len(profiles[graph])} profile(s)) in {seconds[graph]:.1f}s")

@@ -120,22 +120,25 @@ def validate_variant(ref: PrecisionReference, vision_path: Path, decoder_path: P
     kv_names = [f"{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
     pos = np.clip(ref.mask.cumsum(-1) - 1, 0, None).astype(np.int64)
 
-    def empty(batch: int, kind: str) -> dict[str, np.ndarray]:
-        return {f"{kind}_key_values.{n}": np.zeros((batch, kv_heads, 0, head_dim), act) for n in kv_names}
+    def zeros(batch: int, kind: str, length: int) -> dict[str, np.ndarray]:
+        return {f"{kind}_key_values.{n}": np.zeros((batch, kv_heads, length, head_dim), act) for n in kv_names}
 
-    def run(rows_sel, start: int, stop: int, prefix: dict, past: dict) -> dict[str, np.ndarray]:
+    def run(rows_sel, start: int, stop: int, prefix: dict, past: dict, mask: np.ndarray | None = None
+            ) -> dict[str, np.ndarray]:
         feeds = {"inputs_embeds": ref.embeds[rows_sel, start:stop].astype(act),
-                 "attention_mask": ref.mask[rows_sel, lp if start >= lp else 0:stop],
+                 "attention_mask": ref.mask[rows_sel, :stop] if mask is None else mask,
                  "position_ids": pos[rows_sel, start:stop], **prefix, **past}
         return dict(zip(names, decoder.run(None, feeds)))
 
     heads = slice(None, None, per_person)  # one row per person
-    outs = run(heads, 0, lp, empty(ref.persons, "prefix"), empty(ref.persons, "past"))
+    # The prefix prefill as the runtime runs it: a one-token dummy prefix, masked out.
+    dummy_mask = np.concatenate([np.zeros((ref.persons, 1), ref.mask.dtype), ref.mask[heads, :lp]], axis=1)
+    outs = run(heads, 0, lp, zeros(ref.persons, "prefix", 1), zeros(ref.persons, "past", 0), dummy_mask)
     ref_logits = ref.logits[heads, lp - min(logits_positions, lp):lp]
     checks.append(_check("logits/prefix", outs["logits"], ref_logits, precision))
     checks += _decision_checks("prefix", outs, ref_logits, digit_ids, precision)
     prefix = {f"prefix_key_values.{n}": outs[f"present.{n}"] for n in kv_names}
-    outs = run(slice(None), lp, lp + ls, prefix, empty(rows, "past"))
+    outs = run(slice(None), lp, lp + ls, prefix, zeros(rows, "past", 0))
     k = min(logits_positions, ls)
     checks.append(_check("logits/suffix", outs["logits"], ref.logits[:, lp + ls - k:lp + ls], precision))
     checks += _decision_checks("suffix", outs, ref.logits[:, lp + ls - k:lp + ls], digit_ids, precision)

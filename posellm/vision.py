@@ -72,7 +72,8 @@ class Attention(nn.Module):
             xd = self.lora_dropout(x)
             q = q + F.linear(F.linear(xd, self.lora_A_q), self.lora_B_q) * self.lora_scaling
             v = v + F.linear(F.linear(xd, self.lora_A_v), self.lora_B_v) * self.lora_scaling
-        q, k, v = (t.reshape(b, n, self.num_heads, -1).transpose(1, 2) for t in (q, k, v))
+        # explicit head size, no -1: exported Reshapes stay valid under allowzero=1 (exporter/reshape_check.py)
+        q, k, v = (t.reshape(b, n, self.num_heads, c // self.num_heads).transpose(1, 2) for t in (q, k, v))
         # softmax in fp32 even in an fp16 model/graph (no-op in fp32)
         attn = ((q * self.scale) @ k.transpose(-2, -1)).float().softmax(dim=-1).to(q.dtype)
         return self.proj((attn @ v).transpose(1, 2).reshape(b, n, c))

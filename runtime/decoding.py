@@ -55,8 +55,8 @@ class Decoder:
     def embed(self, ids: np.ndarray) -> np.ndarray:
         return np.asarray(self.table[ids], dtype=self.act)
 
-    def _empty(self, rows: int) -> np.ndarray:
-        return np.zeros((rows, self.m.dims.num_kv_heads, 0, self.m.dims.head_dim), self.act)
+    def _zeros(self, rows: int, length: int) -> np.ndarray:
+        return np.zeros((rows, self.m.dims.num_kv_heads, length, self.m.dims.head_dim), self.act)
 
     def _step(self, embeds: np.ndarray, mask: np.ndarray, positions: np.ndarray, prefix: dict[str, Any],
               past: dict[str, Any]) -> tuple[StepOutput, dict[str, Any]]:
@@ -72,10 +72,11 @@ class Decoder:
         """Prefix once per person, then all persons × suffixes (+ `append`, the forced answer head) as one batch
         that attends to each person's prefix K/V in place (shared-prefix attention: it is never repeated per row).
 
-        Returns the suffix prefill's StepOutput, the attention mask over the non-prefix tokens so far, the
-        prefix K/V, the non-prefix KV cache, and each row's last position. Suffixes are left padded *between*
-        prefix and suffix, masked, with positions continuing from the prefix, so every real token sits where the
-        reference's left-padded full prompt puts it.
+        Returns the suffix prefill's StepOutput, the attention mask so far (prefix included), the prefix K/V, the
+        non-prefix KV cache, and each row's last position. Suffixes are left padded *between* prefix and suffix,
+        masked, with positions continuing from the prefix, so every real token sits where the reference's
+        left-padded full prompt puts it. The prefix prefill's own prefix is one dummy token, masked out (weight
+        exactly 0): no graph call ever has an empty prefix (see exporter/graphs.py).
         """
         persons, q = image_embeds.shape[0], len(suffixes)
         prefix = np.asarray(self.p.prefix_ids, dtype=np.int64)
@@ -83,25 +84,27 @@ class Decoder:
             emb = np.concatenate([np.broadcast_to(self.embed(prefix), (persons, len(prefix), self.table.shape[1])),
                                   image_embeds.astype(self.act)], axis=1)
             plen = emb.shape[1]
-            none = {n: self._empty(persons) for n in self.prefix_names}
-            _, kv = self._step(emb, np.ones((persons, plen), np.int64),
-                               np.tile(np.arange(plen, dtype=np.int64), (persons, 1)), none,
-                               {n: self._empty(persons) for n in self.kv_names})
+            dummy = {n: self._zeros(persons, 1) for n in self.prefix_names}
+            mask = np.ones((persons, 1 + plen), np.int64)
+            mask[:, 0] = 0
+            _, kv = self._step(emb, mask, np.tile(np.arange(plen, dtype=np.int64), (persons, 1)), dummy,
+                               {n: self._zeros(persons, 0) for n in self.kv_names})
             shared = {p: kv[n] for p, n in zip(self.prefix_names, self.kv_names)}
         with watch.stage("suffix_prefill"):
             seqs = [list(s) + list(append) for s in suffixes]
             width = max(len(s) for s in seqs)
             ids = np.full((q, width), self.p.pad_id, np.int64)
-            mask = np.zeros((q, width), np.int64)
+            mask = np.zeros((q, plen + width), np.int64)
+            mask[:, :plen] = 1
             pos = np.full((q, width), plen, np.int64)
             for i, s in enumerate(seqs):
                 ids[i, width - len(s):] = s
-                mask[i, width - len(s):] = 1
+                mask[i, plen + width - len(s):] = 1
                 pos[i, width - len(s):] = np.arange(plen, plen + len(s))
             rows = persons * q
             emb = np.tile(self.embed(ids), (persons, 1, 1))
             mask, pos = np.tile(mask, (persons, 1)), np.tile(pos, (persons, 1))
-            first, past = self._step(emb, mask, pos, shared, {n: self._empty(rows) for n in self.kv_names})
+            first, past = self._step(emb, mask, pos, shared, {n: self._zeros(rows, 0) for n in self.kv_names})
         assert first.argmax.shape[0] == rows
         return first, mask, shared, past, pos[:, -1]
 

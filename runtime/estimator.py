@@ -18,7 +18,8 @@ from .backends import open_runner
 from .backends.base import Stopwatch
 from .decoding import Decoded, Decoder
 from .errors import InputError
-from .manifest import Manifest, load_manifest
+from .manifest import MANIFEST_NAME, Manifest, load_manifest, sha256_file
+from .profiles import engine_profiles
 from .coco import PersonRecord
 from .preprocess import CropSpec, crop_at_center_scale, crop_persons, ensure_rgb
 from .prompts import PromptTokenizer
@@ -53,20 +54,41 @@ class Estimator:
             raise InputError("this bundle's tokenizer does not split the answer one character per token; "
                              "template decoding is unavailable — use decoding='free'")
         engines = {e.graph: e for e in variant.engines}
-        self.vision = open_runner(cfg.backend, self.bundle, variant.vision, engines.get("vision"), cfg.threads)
-        runner = open_runner(cfg.backend, self.bundle, variant.decoder, engines.get("decoder"), cfg.threads)
+        trt_ep = self._trt_ep_settings(variant) if cfg.backend == "onnxruntime-trt" else {}
+        self.vision = open_runner(cfg.backend, self.bundle, variant.vision, engines.get("vision"), cfg.threads,
+                                  trt_ep.get("vision"))
+        runner = open_runner(cfg.backend, self.bundle, variant.decoder, engines.get("decoder"), cfg.threads,
+                             trt_ep.get("decoder"))
         self.tokenizer = PromptTokenizer(Tokenizer.from_file(str(self.bundle / m.tokenizer)))
         table = np.load(self.bundle / variant.embedding, mmap_mode="r")
         self.decoder = Decoder(m, runner, table, self.tokenizer.decode)
         self.crop_spec = CropSpec(crop_size=m.preprocess.crop_size, mean=tuple(m.preprocess.mean),
                                   std=tuple(m.preprocess.std))
         batch_hi = variant.decoder.dynamic_ranges.get("batch", (1, None))[1]
-        self.max_batch = cfg.max_batch or batch_hi or m.max_persons * len(m.prompts.keypoints)
+        # A TensorRT engine built with `build --max-persons N` accepts less than the graphs were exported for.
+        engine_rows = runner.input_limit("inputs_embeds", 0)
+        engine_persons = [n for n in (self.vision.input_limit("pixel_values", 0),
+                                      runner.input_limit(self.decoder.prefix_names[0], 0)) if n is not None]
+        self.max_persons = min([m.max_persons, *engine_persons])
+        default_batch = min(n for n in (batch_hi, engine_rows, m.max_persons * len(m.prompts.keypoints))
+                            if n is not None)
+        self.max_batch = cfg.max_batch or default_batch
         if batch_hi is not None and self.max_batch > batch_hi:
             raise InputError(f"max_batch={self.max_batch} exceeds the exported decoder batch range {batch_hi}")
+        if engine_rows is not None and self.max_batch > engine_rows:
+            raise InputError(f"max_batch={self.max_batch} exceeds the decoder engine's profiles (at most "
+                             f"{engine_rows} sequences); rebuild with a larger `posellm-edge build --max-persons`")
         self._lock = threading.Lock()  # guards only the lazily built custom-prompt cache
         self._custom: dict[tuple[tuple[str, str], ...], list[list[int]]] = {}
         self.last_timings: dict[str, float] = {}
+
+    def _trt_ep_settings(self, variant) -> dict:
+        """TensorRT EP: the bundle's profiles; engines cached per bundle (manifest hash) in the user cache dir."""
+        from .backends.onnxruntime import TrtEpSettings, user_cache_dir
+        key = sha256_file(self.bundle / MANIFEST_NAME)[:16]
+        root = user_cache_dir() / "ort-trt" / f"{key}-{self.config.precision}"
+        profiles = engine_profiles(self.manifest, variant, self.manifest.max_persons)
+        return {g: TrtEpSettings(profiles[g], self.config.precision, root / g) for g in profiles}
 
     # -- prompts -------------------------------------------------------------------------------------------------
     def queries(self, keypoints: Sequence[tuple[str, str]] | None) -> tuple[list[str], list[list[int]]]:
@@ -107,8 +129,8 @@ class Estimator:
                   ) -> list[PersonResult]:
         names, suffixes = self.queries(keypoints)
         q = len(suffixes)
-        # rows = persons × queries within max_batch, and never more persons than the graphs were exported for
-        per_batch = max(1, min(self.manifest.max_persons, self.max_batch // q))
+        # rows = persons × queries within max_batch, and never more persons than the graphs/engines take
+        per_batch = max(1, min(self.max_persons, self.max_batch // q))
         results: list[PersonResult] = []
         for start in range(0, len(affines), per_batch):
             chunk = slice(start, start + per_batch)

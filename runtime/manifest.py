@@ -18,8 +18,10 @@ from .errors import BundleError
 from .onnx_external import external_data_locations
 from .paths import inside
 
-SCHEMA_VERSION = 2  # 2: the decoder takes the shared prefix K/V as its own inputs (prefix_key_values.*)
-SUPPORTED_SCHEMA_VERSIONS = (2,)
+# 2: the decoder takes the shared prefix K/V as its own inputs (prefix_key_values.*)
+# 3: its attention_mask covers prefix + past + new tokens; the prefix prefill passes a masked one-token dummy prefix
+SCHEMA_VERSION = 3
+SUPPORTED_SCHEMA_VERSIONS = (3,)
 MANIFEST_NAME = "manifest.json"
 
 

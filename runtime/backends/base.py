@@ -60,6 +60,11 @@ class GraphRunner(ABC):
     def to_numpy(self, value: Any) -> np.ndarray:
         return value if isinstance(value, np.ndarray) else np.asarray(value.numpy())
 
+    def input_limit(self, name: str, axis: int) -> int | None:
+        """The largest size the engine accepts for an input dim when below the graph's exported range (a TensorRT
+        engine built with `--max-persons`); None: the exported range applies."""
+        return None
+
 
 class Stopwatch:
     """Accumulates wall time per stage (thread-local use: one per estimate call)."""

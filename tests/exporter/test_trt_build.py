@@ -78,7 +78,7 @@ def test_profiles_cover_every_shape_the_runtime_sends(tiny_bundle):
     assert vision["pixel_values"][0][0] == 1 and vision["pixel_values"][2][0] == m.max_persons
     prefill, decode = profiles["decoder"]
     assert prefill["inputs_embeds"][2][:2] == [rows, max(prefix, longest + 13)]
-    assert [prefill["prefix_key_values.0.key"][k][2] for k in range(3)] == [0, prefix, prefix]
+    assert [prefill["prefix_key_values.0.key"][k][2] for k in range(3)] == [1, prefix, prefix]  # never empty
     assert [prefill["past_key_values.0.key"][k][2] for k in range(3)] == [0, 0, 0]
     assert prefill["prefix_key_values.0.key"][2][0] == m.max_persons
     assert decode["inputs_embeds"][0][1] == 1 and decode["inputs_embeds"][2][:2] == [rows, 4]
@@ -192,7 +192,7 @@ def test_build_int8_engines_from_qdq_graphs(bundle):
 
 # ------------------------------------------------- TrtRunner logic against a stand-in TensorRT (no GPU needed)
 class _FakeCudart:
-    """Host memory standing in for device memory (ctypes), with the cuda-python call conventions."""
+    """Host memory standing in for device memory (ctypes), with the cuda-python call conventions; counts calls."""
 
     class cudaError_t:  # noqa: N801
         cudaSuccess = "cudaSuccess"
@@ -201,17 +201,39 @@ class _FakeCudart:
         cudaMemcpyHostToDevice, cudaMemcpyDeviceToHost, cudaMemcpyDeviceToDevice = 1, 2, 3
 
     def __init__(self):
+        import collections
         import ctypes
         self.ctypes, self.buffers, self.copies = ctypes, {}, 0
+        self.calls = collections.Counter()
 
-    def cudaMalloc(self, n):  # noqa: N802
+    def _alloc(self, n, kind):
+        self.calls[kind] += 1
         buf = self.ctypes.create_string_buffer(n)
         self.buffers[self.ctypes.addressof(buf)] = buf
         return self.cudaError_t.cudaSuccess, self.ctypes.addressof(buf)
 
-    def cudaFree(self, ptr):  # noqa: N802
+    def cudaMalloc(self, n):  # noqa: N802
+        return self._alloc(n, "cudaMalloc")
+
+    def cudaMallocHost(self, n):  # noqa: N802
+        return self._alloc(n, "cudaMallocHost")
+
+    def cudaMallocAsync(self, n, stream):  # noqa: N802
+        return self._alloc(n, "cudaMallocAsync")
+
+    def _free(self, ptr, kind="cudaFree", stream=None):
+        self.calls[kind] += 1
         self.buffers.pop(ptr, None)
         return (self.cudaError_t.cudaSuccess,)
+
+    def cudaFree(self, ptr):  # noqa: N802
+        return self._free(ptr)
+
+    def cudaFreeHost(self, ptr):  # noqa: N802
+        return self._free(ptr, "cudaFreeHost")
+
+    def cudaFreeAsync(self, ptr, stream):  # noqa: N802
+        return self._free(ptr, "cudaFreeAsync")
 
     def cudaMemcpyAsync(self, dst, src, n, kind, stream):  # noqa: N802
         self.ctypes.memmove(dst, src, n)
@@ -222,9 +244,13 @@ class _FakeCudart:
         return self.cudaError_t.cudaSuccess, 7
 
     def cudaStreamSynchronize(self, stream):  # noqa: N802
+        self.calls["cudaStreamSynchronize"] += 1
         return (self.cudaError_t.cudaSuccess,)
 
-    cudaStreamDestroy = cudaSetDevice = cudaStreamSynchronize
+    def cudaSetDevice(self, device):  # noqa: N802
+        return (self.cudaError_t.cudaSuccess,)
+
+    cudaStreamDestroy = cudaSetDevice
 
 
 def _fake_tensorrt(version: str, onnx_path: Path, profiles: tuple):
@@ -238,37 +264,44 @@ def _fake_tensorrt(version: str, onnx_path: Path, profiles: tuple):
     onnx_types = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int64)": "int64",
                   "tensor(int32)": "int32"}
     dtypes = {i.name: np.dtype(onnx_types[i.type]) for i in session.get_inputs() + session.get_outputs()}
+    shape_cache = {}
 
     class Context:
+        refuse_profile = False  # set to make set_optimization_profile_async fail
+        refuse_address = False  # set to make set_tensor_address fail
+
         def __init__(self):
-            self.shapes, self.addr, self.out, self.profile = {}, {}, None, 0
+            self.shapes, self.addr, self.profile = {}, {}, 0
 
         def set_optimization_profile_async(self, index, stream):
             self.profile = index
-            return True
+            return not self.refuse_profile
 
         def set_input_shape(self, name, shape):
             lo, _, hi = profiles[self.profile][name]
-            self.shapes[name], self.out = tuple(shape), None
+            self.shapes[name] = tuple(shape)
             return all(a <= s <= b for a, s, b in zip(lo, shape, hi))
 
         def set_tensor_address(self, name, ptr):
             self.addr[name] = ptr
+            return not self.refuse_address
 
         def _read(self, name):
             n = int(np.prod(self.shapes[name])) * dtypes[name].itemsize
             return np.frombuffer(ctypes.string_at(self.addr[name], n), dtypes[name]).reshape(self.shapes[name])
 
-        def get_tensor_shape(self, name):
-            if self.out is None:
-                self.out = dict(zip(names_out, session.run(None, {k: self._read(k) for k in names_in})))
-            return self.out[name].shape
+        def get_tensor_shape(self, name):  # shape inference: the graph run on zeros of the set input shapes
+            key = tuple(sorted(self.shapes.items()))
+            if key not in shape_cache:
+                zeros = {k: np.zeros(self.shapes[k], dtypes[k]) for k in names_in}
+                shape_cache[key] = dict(zip(names_out, (o.shape for o in session.run(None, zeros))))
+            return shape_cache[key][name]
 
         def execute_async_v3(self, stream):
+            out = dict(zip(names_out, session.run(None, {k: self._read(k) for k in names_in})))
             for name in names_out:
-                a = np.ascontiguousarray(self.out[name])
+                a = np.ascontiguousarray(out[name])
                 ctypes.memmove(self.addr[name], a.ctypes.data, a.nbytes)
-            self.out = None
             return True
 
     class Engine:
@@ -332,3 +365,119 @@ def test_trt_runner_logic_with_stand_in_tensorrt(bundle, monkeypatch):
     assert {c.profile for c in fakes["decoder"].engine.contexts} == {0, 1}
     with pytest.raises(InputError, match="fit none of the engine's optimization profiles"):
         runners["vision"].profile_for({"pixel_values": (m.max_persons + 1, 3, 224, 224)})
+
+
+# ------------------------------------------------- timing cache refusal (stand-in builder config, no GPU needed)
+class _FakeBuilderConfig:
+    """`IBuilderConfig`'s timing-cache calls: `set_timing_cache` returns False for a cache it refuses."""
+
+    def __init__(self, refuse: set[bytes]):
+        self.refuse, self.set_calls = refuse, []
+
+    def create_timing_cache(self, data: bytes):
+        return types.SimpleNamespace(data=bytes(data))
+
+    def set_timing_cache(self, cache, ignore_mismatch: bool) -> bool:
+        self.set_calls.append(cache.data)
+        return cache.data not in self.refuse
+
+
+def test_refused_timing_cache_starts_a_fresh_one(tmp_path):
+    from exporter.trt_build import _use_timing_cache
+    path = tmp_path / "timing.cache"
+    path.write_bytes(b"cache from another GPU")
+    lines = []
+    config = _FakeBuilderConfig(refuse={b"cache from another GPU"})
+    _use_timing_cache(config, path, lines.append)
+    assert config.set_calls == [b"cache from another GPU", b""]  # refused, then a fresh one
+    assert "was refused" in lines[0] and str(path) in lines[0]
+    config = _FakeBuilderConfig(refuse=set())  # an accepted cache is used as is, silently
+    _use_timing_cache(config, path, lines.append)
+    assert config.set_calls == [b"cache from another GPU"] and len(lines) == 1
+    with pytest.raises(BuildError, match="refused even an empty timing cache"):
+        _use_timing_cache(_FakeBuilderConfig(refuse={b"", b"cache from another GPU"}), path, lines.append)
+
+
+def _stand_in_runners(bundle: Path, monkeypatch, max_persons: int):
+    """TrtRunners over stand-in engines whose profiles were built for `max_persons` (`build --max-persons`)."""
+    import runtime.backends.tensorrt as trt_backend
+    m = load_manifest(bundle)
+    v = m.variants["fp16"]
+    profiles = engine_profiles(m, v, max_persons)
+    cudart = _FakeCudart()
+    monkeypatch.setattr(trt_backend, "_import_cudart", lambda: cudart)
+    runners, fakes = {}, {}
+    for g in ("vision", "decoder"):
+        fakes[g] = _fake_tensorrt("10.3.0", bundle / getattr(v, g).file, profiles[g])
+        (bundle / f"fp16/{g}.plan").write_bytes(b"stand-in")
+        monkeypatch.setitem(sys.modules, "tensorrt", fakes[g])
+        spec = EngineSpec(graph=g, file=f"fp16/{g}.plan", tensorrt_version="10.3.0", profiles=profiles[g])
+        runners[g] = open_runner("tensorrt", bundle, getattr(v, g), spec)
+    return runners, fakes, cudart
+
+
+def test_engine_profile_caps_and_no_allocation_in_the_decode_loop(bundle, monkeypatch):
+    """Engines built for 1 person (bundle: 3): the Estimator batches 1 person per call instead of failing with
+    "fit none of the engine's optimization profiles". After the first call of each kind nothing is allocated:
+    no cudaMalloc/cudaMallocHost, one stream synchronisation per call; the KV cache alone comes from the
+    stream-ordered pool (cudaMallocAsync, no device synchronisation)."""
+    import runtime.estimator as estimator_mod
+    runners, fakes, cudart = _stand_in_runners(bundle, monkeypatch, max_persons=1)
+    m = load_manifest(bundle)
+    assert m.max_persons == 3
+    ref = Estimator(bundle, precision="fp16", threads=2).estimate(tiny.random_image(2), BOXES)
+    monkeypatch.setattr(estimator_mod, "open_runner", lambda backend, bundle, spec, *a, **k:
+                        runners["vision" if spec.file.endswith("vision.onnx") else "decoder"])
+    est = Estimator(bundle, precision="fp16", backend="tensorrt")
+    assert est.max_persons == 1 and est.max_batch == 17
+    with pytest.raises(InputError, match=r"max_batch=34 exceeds the decoder engine's profiles \(at most 17"):
+        Estimator(bundle, precision="fp16", backend="tensorrt", max_batch=34)
+    calls = []  # (graph, profile, counter delta) per runner call
+    for g, r in runners.items():
+        def traced(inputs, keep_on_device=(), _run=r.run, _g=g, _r=r):
+            before = cudart.calls.copy()
+            out = _run(inputs, keep_on_device)
+            profile = _r.profile_for({n: tuple(np.shape(inputs[n])) for n in _r.inputs})
+            calls.append((_g, profile, cudart.calls - before))
+            return out
+        monkeypatch.setattr(r, "run", traced)
+    seen = set()
+    for decoding in ("template", "free"):
+        est = Estimator(bundle, precision="fp16", backend="tensorrt", decoding=decoding)
+        first = len(calls)
+        got = est.estimate(tiny.random_image(2), BOXES)
+        if decoding == "template":  # 1 person per batch here, 2 in `ref`: same answers, scores within 1e-6
+            diff = max(float(np.abs(g.keypoints[:, 2] - r.keypoints[:, 2]).max()) for g, r in zip(got, ref))
+            print(f"vs onnxruntime (2 persons per batch): max score diff {diff:.1e} (tol 1e-6)")
+            assert all(np.array_equal(g.keypoints[:, :2], r.keypoints[:, :2]) for g, r in zip(got, ref))
+            assert diff <= 1e-6
+        run = calls[first:]
+        assert sum(c[0] == "vision" for c in run) == len(BOXES)  # one person per call: the engine's cap
+        decode = [c for c in run if c[0] == "decoder" and c[1] == 1]
+        n_kv = 2 * m.dims.num_layers
+        print(f"{decoding}: {len(run)} calls, {len(decode)} decode steps; counts per decode step "
+              f"{[dict(c[2]) for c in decode[1:3]]}")
+        assert len(decode) >= 4 * len(BOXES)  # each person is its own batch: several decode steps each
+        for i, (g, profile, delta) in enumerate(run):
+            new_context = g == "decoder" and (g, profile) not in seen  # set_optimization_profile_async: one more
+            seen.add((g, profile))
+            assert delta["cudaStreamSynchronize"] == 1 + new_context, (g, profile, dict(delta))
+            assert delta["cudaMallocAsync"] == (n_kv if g == "decoder" else 0)
+        steady = decode[1:] if decoding == "template" else decode  # free runs after template: already warm
+        assert all(delta["cudaMalloc"] == delta["cudaMallocHost"] == delta["cudaFree"] == 0
+                   for _, _, delta in steady), [dict(d) for _, _, d in steady]
+
+
+def test_trt_runner_checks_profile_and_address_results(bundle, monkeypatch):
+    runners, fakes, _ = _stand_in_runners(bundle, monkeypatch, max_persons=3)
+    est = Estimator(bundle, precision="fp16")
+    est.vision, est.decoder.runner = runners["vision"], runners["decoder"]
+    fakes["decoder"].engine.contexts.clear()
+    type(fakes["decoder"].engine.create_execution_context()).refuse_profile = True
+    with pytest.raises(RuntimeError, match=r"decoder.onnx: TensorRT refused optimization profile 0 of 2"):
+        est.estimate(tiny.random_image(2), BOXES[:1])
+    runners, fakes, _ = _stand_in_runners(bundle, monkeypatch, max_persons=3)
+    type(fakes["vision"].engine.create_execution_context()).refuse_address = True
+    with pytest.raises(RuntimeError, match=r"vision.onnx: TensorRT refused the device address of tensor "
+                                           r"(pixel_values|image_embeds)"):
+        runners["vision"]({"pixel_values": np.zeros((1, 3, 224, 224), np.float32)})

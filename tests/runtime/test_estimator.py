@@ -14,6 +14,7 @@ import pytest
 import tiny
 from runtime.errors import BundleError, InputError
 from runtime.estimator import Estimator
+from runtime.manifest import SCHEMA_VERSION
 
 BOXES = [[10, 20, 100, 150], [120, 30, 90, 200], [0, 0, 320, 240]]
 SCORE_TOL = 1e-4
@@ -131,7 +132,7 @@ def test_newer_schema_rejected(tiny_bundle, tmp_path):
     data = json.loads((newer / "manifest.json").read_text())
     data["schema_version"] = 99
     (newer / "manifest.json").write_text(json.dumps(data))
-    with pytest.raises(BundleError, match=r"schema_version 99 is not supported.*\[2\]"):
+    with pytest.raises(BundleError, match=rf"schema_version 99 is not supported.*\[{SCHEMA_VERSION}\]"):
         Estimator(newer)
 
 
