@@ -11,6 +11,9 @@ import threading
 import time
 from pathlib import Path
 
+import ray
+from ray import serve
+
 from runtime.backends import BACKENDS
 from runtime.estimator import DECODINGS
 
@@ -53,9 +56,6 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
 
 def start(config: ServeConfig, ray_init_kwargs: dict | None = None) -> str:
     """Connect to (or start) Ray, start Serve's HTTP proxy and deploy the app; returns the base URL once ready."""
-    import ray
-    from ray import serve
-
     from .app import build_app, http_options
 
     bundle = config.bundle.resolve()  # replicas may run in another working directory
@@ -71,9 +71,6 @@ def start(config: ServeConfig, ray_init_kwargs: dict | None = None) -> str:
 
 def stop(shutdown_ray: bool) -> None:
     """Delete the app (replicas drain their in-flight requests), then Serve and the local Ray."""
-    import ray
-    from ray import serve
-
     serve.delete(APP_NAME, _blocking=True)
     if shutdown_ray:
         serve.shutdown()
@@ -81,8 +78,6 @@ def stop(shutdown_ray: bool) -> None:
 
 
 def _wait_running(timeout_s: float) -> None:
-    from ray import serve
-
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         app = serve.status().applications.get(APP_NAME)
