@@ -62,6 +62,24 @@ def parity(url: str, bundle: Path, requests: list[LoadRequest], images: Path) ->
             "keypoints_max_abs_diff_px": max_diff}
 
 
+def estimator_scaling(bundle: Path, requests: list[LoadRequest], images: Path, seconds: float, threads) -> dict:
+    """In-process persons/s at 1 person per call vs the bundle's max per call: the most batching can give here."""
+    est = Estimator(bundle, EstimatorConfig(precision="fp32", threads=threads))
+    req = max(requests, key=lambda r: len(r.boxes))
+    image, box = load_image(images / req.name), req.boxes[0]
+    out = {}
+    for n in (1, est.manifest.max_persons):
+        est.estimate(image, [box] * n)
+        t0, done = time.perf_counter(), 0
+        while time.perf_counter() - t0 < seconds:
+            est.estimate(image, [box] * n)
+            done += n
+        out[f"batch_{n}_persons_per_s"] = round(done / (time.perf_counter() - t0), 3)
+    vals = list(out.values())
+    out["ratio"] = round(vals[1] / vals[0], 3)
+    return out
+
+
 def stats(url: str) -> dict:
     return httpx.get(f"{url}/v1/stats", timeout=10).json()
 
@@ -83,7 +101,7 @@ def throughput(url: str, requests: list[LoadRequest], seconds: float, rounds: in
 
 
 def replica_kill(url: str, requests: list[LoadRequest], clients: int, seconds: float, timeout_s: float) -> dict:
-    """Kill the (only) replica 5 s into an 8-client run; a prober measures when requests are answered again."""
+    """SIGKILL a replica 5 s into an 8-client run; a prober measures when requests are answered again."""
     pid = stats(url)["pid"]
     result: dict = {}
     load = threading.Thread(target=lambda: result.update(run_load(url, requests, clients, seconds,
@@ -106,7 +124,7 @@ def replica_kill(url: str, requests: list[LoadRequest], clients: int, seconds: f
         time.sleep(0.25)
     load.join()
     new_pid = stats(url)["pid"]
-    return {"killed_pid": pid, "new_pid": new_pid, "recovered_s": None if recovered_at is None else
+    return {"killed_pid": pid, "pid_after": new_pid, "recovered_s": None if recovered_at is None else
             round(recovered_at - killed_at, 2), "probe_errors": probe_errors, "client_timeout_s": timeout_s,
             "load": result, "longest_client_wait_ms": result.get("latency_ms", {}).get("max"),
             "no_client_past_timeout": result["wall_s"] <= seconds + timeout_s + 1}
@@ -141,11 +159,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=2, help="sequential/concurrent pairs, alternated")
     p.add_argument("--clients", type=int, default=8)
     p.add_argument("--batch-wait-ms", type=float, default=10.0)
+    p.add_argument("--replicas", type=int, default=1)
+    p.add_argument("--threads", type=int, default=None, help="onnxruntime threads per replica")
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args(argv)
 
     requests = read_requests(args.coco, args.images)
-    config = ServeConfig(bundle=args.bundle, port=free_port(), batch_wait_ms=args.batch_wait_ms)
+    config = ServeConfig(bundle=args.bundle, port=free_port(), batch_wait_ms=args.batch_wait_ms,
+                         replicas=args.replicas, threads=args.threads)
     report: dict = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
                                 "loadavg_start": os.getloadavg(),
                                 "note": "shared 2-core VM (other agents and a training run use the same cores): "
@@ -159,6 +180,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         report["parity"] = parity(url, args.bundle, requests, args.images)
         print("parity", report["parity"], flush=True)
+        report["estimator_batch_scaling"] = estimator_scaling(args.bundle, requests, args.images, 10.0, args.threads)
+        print("estimator", report["estimator_batch_scaling"], flush=True)
         run_load(url, requests, args.clients, 3.0)  # warm the HTTP path
         report["throughput"] = throughput(url, requests, args.seconds, args.rounds, args.clients)
         print("throughput", report["throughput"]["persons_per_s"], report["throughput"]["ratio_concurrent_vs_sequential"],

@@ -14,7 +14,6 @@ import asyncio
 import logging
 import os
 import time
-from dataclasses import asdict
 
 import numpy as np
 from fastapi import FastAPI, Request
@@ -25,7 +24,7 @@ from runtime.errors import InputError
 from runtime.estimator import Estimator, EstimatorConfig
 
 from . import payload
-from .batching import Job, Outcome, run_jobs, split_request, total_persons
+from .batching import BatchPacer, Job, Outcome, run_jobs, split_request, total_persons
 from .config import ServeConfig
 
 log = logging.getLogger("posellm.serve")
@@ -78,8 +77,11 @@ class PoseService:
             raise InputError(f"max_persons_per_batch={self.max_persons} exceeds the bundle's exported max persons "
                              f"{exported}; re-export with --max-persons {self.max_persons} or lower it")
         self._batch.set_max_batch_size(self.max_persons)
-        self._batch.set_batch_wait_timeout_s(config.batch_wait_ms / 1000.0)
-        self.stats = {"requests": 0, "batches": 0, "persons": 0, "max_batch_persons": 0, "failed_jobs": 0}
+        self.pacer = BatchPacer(config.batch_wait_ms / 1000.0)
+        self._batch.set_batch_wait_timeout_s(self.pacer.min_wait_s)
+        self.stats = {"requests": 0, "batches": 0, "persons": 0, "max_batch_persons": 0, "failed_jobs": 0,
+                      "in_flight_at_batch_start": 0}
+        self.in_flight = 0  # requests inside `pose` now (parsing, queued for a batch, or in one)
         self._warm_up()
         self.ready = True
 
@@ -117,6 +119,13 @@ class PoseService:
     # -- pose -----------------------------------------------------------------------------------------------------
     @api.post("/v1/pose")
     async def pose(self, request: Request, tokens: bool = False):
+        self.in_flight += 1
+        try:
+            return await self._pose(request, tokens)
+        finally:
+            self.in_flight -= 1
+
+    async def _pose(self, request: Request, tokens: bool):
         try:
             req = await self._parse(request)
             jobs = await asyncio.to_thread(split_request, req, self.estimator.crop_spec, self.max_persons)
@@ -125,6 +134,8 @@ class PoseService:
         except InputError as exc:
             return _error(400, str(exc))
         self.stats["requests"] += 1
+        # read by serve.batch when this job opens the next batch: collect until the running batch should be done
+        self._batch.set_batch_wait_timeout_s(self.pacer.wait_s())
         outcomes: list[Outcome] = await asyncio.gather(*(self._batch(job) for job in jobs))
         failed = next((o.error for o in outcomes if o.error is not None), None)
         if isinstance(failed, InputError):
@@ -144,8 +155,13 @@ class PoseService:
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01, batch_size_fn=total_persons)
     async def _batch(self, jobs: list[Job]) -> list[Outcome]:
         """Persons of concurrent requests → one vision + decoder batch per keypoint set (see batching.py)."""
-        outcomes = await asyncio.to_thread(run_jobs, self.estimator, jobs)
+        self.stats["in_flight_at_batch_start"] += self.in_flight
         n = total_persons(jobs)
+        self.pacer.started(n)
+        try:
+            outcomes = await asyncio.to_thread(run_jobs, self.estimator, jobs)
+        finally:
+            self.pacer.finished(n)
         self.stats["batches"] += 1
         self.stats["persons"] += n
         self.stats["max_batch_persons"] = max(self.stats["max_batch_persons"], n)
@@ -197,9 +213,3 @@ def build_app(config: ServeConfig):
 
 def http_options(config: ServeConfig) -> dict:
     return {"host": config.host, "port": config.port, "request_timeout_s": config.request_timeout_s}
-
-
-def describe(config: ServeConfig) -> dict:
-    d = asdict(config)
-    d["bundle"] = str(config.bundle)
-    return d

@@ -8,6 +8,7 @@ call fails, its jobs are retried one by one, so a failing request gets its own e
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -95,3 +96,29 @@ def _estimate(jobs: list[Job], estimator) -> list[list[PersonResult]]:
         out.append(results[start:start + job.persons])
         start += job.persons
     return out
+
+
+class BatchPacer:
+    """How long `serve.batch` should collect the next batch. Serve forms a batch as soon as its wait expires, even
+    while the previous batch still runs (and then queues it), which left batches of ~2 persons under 8 clients. So
+    a batch opened while another runs keeps collecting until that one is expected to finish (persons × a running
+    mean of seconds per person); an idle replica waits only the configured minimum."""
+
+    def __init__(self, min_wait_s: float) -> None:
+        self.min_wait_s = min_wait_s
+        self.s_per_person: float | None = None
+        self.busy_until = 0.0
+        self._t0 = 0.0
+
+    def wait_s(self) -> float:
+        return max(self.min_wait_s, self.busy_until - time.monotonic())
+
+    def started(self, persons: int) -> None:
+        self._t0 = time.monotonic()
+        self.busy_until = self._t0 + persons * (self.s_per_person or 0.0)
+
+    def finished(self, persons: int) -> None:
+        now = time.monotonic()
+        per = (now - self._t0) / max(persons, 1)
+        self.s_per_person = per if self.s_per_person is None else 0.8 * self.s_per_person + 0.2 * per
+        self.busy_until = now

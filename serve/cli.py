@@ -37,6 +37,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="how long a batch waits for more requests after its first")
     p.add_argument("--address", default=None,
                    help="existing Ray cluster ('auto' or ray://HOST:10001); default: start Ray in this process")
+    p.add_argument("--metrics-port", type=int, default=None,
+                   help="Ray's Prometheus metrics port when Ray starts here (a cluster sets its own at `ray start`)")
     p.add_argument("--cpus-per-replica", type=float, default=1.0)
     p.add_argument("--gpus-per-replica", type=float, default=0.0, help="1 = one replica per GPU")
     p.add_argument("--max-body-mb", type=float, default=20.0)
@@ -48,7 +50,7 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
     return ServeConfig(bundle=args.bundle, precision=args.precision, backend=args.backend, decoding=args.decoding,
                        threads=args.threads, replicas=args.replicas, autoscale=args.autoscale, host=args.host,
                        port=args.port, max_persons_per_batch=args.max_persons_per_batch,
-                       batch_wait_ms=args.batch_wait_ms, address=args.address,
+                       batch_wait_ms=args.batch_wait_ms, address=args.address, metrics_port=args.metrics_port,
                        cpus_per_replica=args.cpus_per_replica, gpus_per_replica=args.gpus_per_replica,
                        max_body_mb=args.max_body_mb, request_timeout_s=args.request_timeout_s,
                        graceful_shutdown_timeout_s=args.graceful_shutdown_s)
@@ -61,7 +63,10 @@ def start(config: ServeConfig, ray_init_kwargs: dict | None = None) -> str:
     bundle = config.bundle.resolve()  # replicas may run in another working directory
     config = ServeConfig(**{**config.__dict__, "bundle": bundle})
     if not ray.is_initialized():
-        ray.init(address=config.address, **(ray_init_kwargs or {}))
+        kwargs = dict(ray_init_kwargs or {})
+        if config.address is None and config.metrics_port is not None:
+            kwargs["_metrics_export_port"] = config.metrics_port
+        ray.init(address=config.address, **kwargs)
     serve.start(http_options=http_options(config))
     serve.run(build_app(config), name=APP_NAME, route_prefix="/", blocking=False)
     _wait_running(timeout_s=300)

@@ -24,6 +24,7 @@ class ServeConfig:
     max_persons_per_batch: int | None = None  # default: the bundle's exported max persons
     batch_wait_ms: float = 10.0  # how long a batch waits for more persons after its first request
     address: str | None = None  # existing Ray cluster ("auto", "ray://host:10001"); None: start Ray here
+    metrics_port: int | None = None  # Ray's Prometheus endpoint on a Ray started here (else Ray picks a port)
     cpus_per_replica: float = 1.0
     gpus_per_replica: float = 0.0
     max_body_mb: float = 20.0  # larger bodies get 413 before they are read

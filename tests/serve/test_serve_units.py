@@ -134,3 +134,20 @@ def test_loadtest_refuses_non_loopback_urls_and_reads_coco_boxes(tmp_path):
     (tmp_path / "ann.json").write_text(json.dumps(coco))
     [req] = read_requests(tmp_path / "ann.json", tmp_path)
     assert req.boxes == [[1.0, 2.0, 30.0, 40.0]] and req.image == _png()
+
+
+def test_pacer_collects_while_a_batch_runs_and_waits_the_minimum_when_idle(monkeypatch):
+    from serve import batching
+    now = [100.0]
+    monkeypatch.setattr(batching.time, "monotonic", lambda: now[0])
+    pacer = batching.BatchPacer(min_wait_s=0.01)
+    assert pacer.wait_s() == 0.01  # idle, nothing measured yet
+    pacer.started(4)
+    now[0] += 0.4
+    pacer.finished(4)  # 0.1 s per person measured
+    assert pacer.wait_s() == 0.01  # idle again
+    pacer.started(6)  # expected to run 0.6 s
+    now[0] += 0.2
+    assert pacer.wait_s() == pytest.approx(0.4)  # a batch opened now collects until then
+    now[0] += 1.0
+    assert pacer.wait_s() == 0.01  # overran its estimate: no extra wait
