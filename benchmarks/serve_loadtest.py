@@ -84,7 +84,8 @@ def stats(url: str) -> dict:
     return httpx.get(f"{url}/v1/stats", timeout=10).json()
 
 
-def throughput(url: str, requests: list[LoadRequest], seconds: float, rounds: int, clients: int) -> dict:
+def throughput(url: str, requests: list[LoadRequest], seconds: float, rounds: int, clients: int,
+               replicas: int) -> dict:
     runs: dict[str, list] = {"sequential": [], "concurrent": []}
     for _ in range(rounds):
         for name, n in (("sequential", 1), ("concurrent", clients)):
@@ -92,7 +93,9 @@ def throughput(url: str, requests: list[LoadRequest], seconds: float, rounds: in
             report = run_load(url, requests, n, seconds, timeout_s=30.0)
             after = stats(url)
             batches = after["batches"] - before["batches"]
-            report["mean_persons_per_batch"] = round((after["persons"] - before["persons"]) / max(batches, 1), 2)
+            # /v1/stats is per replica: with several, two calls may reach different ones
+            report["mean_persons_per_batch"] = (round((after["persons"] - before["persons"]) / max(batches, 1), 2)
+                                                if replicas == 1 else None)
             runs[name].append(report)
     total = {k: sum(r["persons"] for r in v) / sum(r["wall_s"] for r in v) for k, v in runs.items()}
     return {"runs": runs, "persons_per_s": {k: round(v, 3) for k, v in total.items()},
@@ -183,7 +186,8 @@ def main(argv: list[str] | None = None) -> int:
         report["estimator_batch_scaling"] = estimator_scaling(args.bundle, requests, args.images, 10.0, args.threads)
         print("estimator", report["estimator_batch_scaling"], flush=True)
         run_load(url, requests, args.clients, 3.0)  # warm the HTTP path
-        report["throughput"] = throughput(url, requests, args.seconds, args.rounds, args.clients)
+        report["throughput"] = throughput(url, requests, args.seconds, args.rounds, args.clients,
+                                          args.replicas)
         print("throughput", report["throughput"]["persons_per_s"], report["throughput"]["ratio_concurrent_vs_sequential"],
               flush=True)
         report["replica_kill"] = replica_kill(url, requests, args.clients, 30.0, 20.0)

@@ -113,8 +113,10 @@ class PoseService:
 
     @api.get("/v1/stats")
     def stats_endpoint(self) -> dict:
-        mean = self.stats["persons"] / self.stats["batches"] if self.stats["batches"] else 0.0
-        return {**self.stats, "mean_batch_persons": mean, "pid": os.getpid()}
+        batches = max(self.stats["batches"], 1)
+        return {**self.stats, "mean_batch_persons": self.stats["persons"] / batches,
+                "mean_in_flight_at_batch_start": self.stats["in_flight_at_batch_start"] / batches,
+                "pid": os.getpid()}
 
     # -- pose -----------------------------------------------------------------------------------------------------
     @api.post("/v1/pose")
@@ -133,6 +135,9 @@ class PoseService:
             return _error(exc.status, str(exc))
         except InputError as exc:
             return _error(400, str(exc))
+        except Exception as exc:  # noqa: BLE001 - a bug, but still one JSON message and the replica lives on
+            log.exception("cannot prepare a pose request")
+            return _error(500, f"cannot prepare the request: {type(exc).__name__}: {exc}")
         self.stats["requests"] += 1
         # read by serve.batch when this job opens the next batch: collect until the running batch should be done
         self._batch.set_batch_wait_timeout_s(self.pacer.wait_s())
