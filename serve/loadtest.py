@@ -3,7 +3,7 @@
 Each client thread sends one request at a time (an image of the COCO file with all its person boxes, cycling through
 the images from its own offset) until the time is up or --max-requests are sent. Bounded three ways: time, request
 count, and a per-request timeout; loopback only unless --allow-remote. Reports p50/p90/p99 latency, persons/s and
-errors as JSON.
+errors as JSON; the exit status is 1 when any request failed.
 """
 from __future__ import annotations
 

@@ -18,8 +18,6 @@ from runtime.estimator import Estimator  # noqa: E402
 from serve import payload  # noqa: E402
 from serve.config import ServeConfig  # noqa: E402
 
-from conftest import MAX_PERSONS  # noqa: E402
-
 THUMB = {"name": "left thumb", "description": "The left thumb is the short first digit of the left hand."}
 MAX_BODY_MB = 1.0
 
@@ -67,10 +65,11 @@ def _assert_equal(persons: list[dict], want) -> float:
     return diff
 
 
-def test_probes(service):
+def test_probes(service, estimator):
     assert httpx.get(f"{service}/healthz").json() == {"status": "alive"}
     ready = httpx.get(f"{service}/readyz").json()
-    assert ready["ready"] is True and ready["max_persons_per_batch"] == MAX_PERSONS and len(ready["keypoints"]) == 17
+    assert ready["ready"] is True and len(ready["keypoints"]) == 17
+    assert ready["max_persons_per_batch"] == estimator.manifest.max_persons  # the bundle's exported limit
 
 
 def test_json_and_multipart_equal_estimator(service, estimator, scenes):
@@ -90,9 +89,10 @@ def test_json_and_multipart_equal_estimator(service, estimator, scenes):
 
 def test_concurrent_burst_shares_batches_and_equals_estimator(service, estimator, scenes):
     """Eight requests at once (one with more persons than a batch holds, two with a custom keypoint set)."""
+    max_persons = estimator.manifest.max_persons
     reqs = [(img, boxes[:1], None) for img, boxes in scenes[:5]]
     big = next((img, boxes) for img, boxes in scenes if len(boxes) >= 2)
-    reqs.append((big[0], big[1] * 2, None))  # > MAX_PERSONS boxes: split over two jobs
+    reqs.append((big[0], big[1] * 2, None))  # more boxes than a batch holds: split over two jobs
     reqs += [(img, boxes[:1], [THUMB]) for img, boxes in scenes[:2]]
     before = httpx.get(f"{service}/v1/stats").json()
     with ThreadPoolExecutor(len(reqs)) as pool:
@@ -104,12 +104,12 @@ def test_concurrent_burst_shares_batches_and_equals_estimator(service, estimator
         kp = [(k["name"], k["description"]) for k in kps] if kps else None
         _assert_equal(resp.json()["persons"], estimator.estimate(payload.decode_image(img), boxes, kp))
     persons = sum(len(b) for _, b, _ in reqs)
-    jobs = sum(-(-len(b) // MAX_PERSONS) for _, b, _ in reqs)
+    jobs = sum(-(-len(b) // max_persons) for _, b, _ in reqs)
     batches = after["batches"] - before["batches"]
     print(f"{len(reqs)} requests, {jobs} jobs, {persons} persons in {batches} batches")
     assert after["persons"] - before["persons"] == persons
     assert batches < jobs  # persons of different requests shared a batch
-    assert after["max_batch_persons"] <= MAX_PERSONS
+    assert after["max_batch_persons"] <= max_persons
 
 
 def _bad_requests(image: bytes, boxes) -> list[tuple[str, dict]]:

@@ -151,3 +151,23 @@ def test_pacer_collects_while_a_batch_runs_and_waits_the_minimum_when_idle(monke
     assert pacer.wait_s() == pytest.approx(0.4)  # a batch opened now collects until then
     now[0] += 1.0
     assert pacer.wait_s() == 0.01  # overran its estimate: no extra wait
+
+
+def test_serve_cli_arguments_make_a_config():
+    pytest.importorskip("ray.serve", reason="needs the `serve` extra (ray[serve])")
+    import argparse
+
+    from serve.cli import add_arguments, config_from_args
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    cfg = config_from_args(p.parse_args(["b", "--autoscale", "1,4", "--max-persons-per-batch", "3",
+                                         "--batch-wait-ms", "5", "--address", "auto", "--gpus-per-replica", "1"]))
+    assert cfg.autoscale == (1, 4) and cfg.max_persons_per_batch == 3 and cfg.address == "auto"
+    assert cfg.gpus_per_replica == 1.0 and cfg.batch_wait_ms == 5.0
+    with pytest.raises(SystemExit):
+        p.parse_args(["b", "--replicas", "2", "--autoscale", "1,4"])  # one or the other
+    with pytest.raises(InputError, match="MIN,MAX"):
+        config_from_args(p.parse_args(["b", "--autoscale", "3,1"]))
+    with pytest.raises(InputError, match="expected MIN,MAX"):
+        from serve.config import parse_autoscale
+        parse_autoscale("4")
