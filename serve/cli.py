@@ -15,6 +15,7 @@ import ray
 from ray import serve
 
 from runtime.backends import BACKENDS
+from runtime.errors import InputError
 from runtime.estimator import DECODINGS
 
 from .config import APP_NAME, ServeConfig, parse_autoscale
@@ -66,7 +67,11 @@ def start(config: ServeConfig, ray_init_kwargs: dict | None = None) -> str:
         kwargs = dict(ray_init_kwargs or {})
         if config.address is None and config.metrics_port is not None:
             kwargs["_metrics_export_port"] = config.metrics_port
-        ray.init(address=config.address, **kwargs)
+        try:
+            # "local": always a fresh Ray here, never one that `ray start` left on this machine
+            ray.init(address=config.address or "local", **kwargs)
+        except ConnectionError as exc:
+            raise InputError(f"--address {config.address}: cannot connect to the Ray cluster: {exc}") from exc
     serve.start(http_options=http_options(config))
     serve.run(build_app(config), name=APP_NAME, route_prefix="/", blocking=False)
     _wait_running(timeout_s=300)
