@@ -37,7 +37,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-wait-ms", type=float, default=10.0,
                    help="how long a batch waits for more requests after its first")
     p.add_argument("--address", default=None,
-                   help="existing Ray cluster ('auto' or ray://HOST:10001); default: start Ray in this process")
+                   help="existing Ray cluster (HOST:6379, or 'auto' on one of its nodes); default: start Ray here")
     p.add_argument("--metrics-port", type=int, default=None,
                    help="Ray's Prometheus metrics port when Ray starts here (a cluster sets its own at `ray start`)")
     p.add_argument("--cpus-per-replica", type=float, default=1.0)

@@ -23,7 +23,7 @@ class ServeConfig:
     port: int = 8000
     max_persons_per_batch: int | None = None  # default: the bundle's exported max persons
     batch_wait_ms: float = 10.0  # how long a batch waits for more persons after its first request
-    address: str | None = None  # existing Ray cluster ("auto", "ray://host:10001"); None: start Ray here
+    address: str | None = None  # existing Ray cluster ("HOST:6379" or "auto"); None: a fresh Ray in this process
     metrics_port: int | None = None  # Ray's Prometheus endpoint on a Ray started here (else Ray picks a port)
     cpus_per_replica: float = 1.0
     gpus_per_replica: float = 0.0
