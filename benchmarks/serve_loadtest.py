@@ -193,8 +193,8 @@ def main(argv: list[str] | None = None) -> int:
         run_load(url, requests, args.clients, 3.0)  # warm the HTTP path
         report["throughput"] = throughput(url, requests, args.seconds, args.rounds, args.clients,
                                           args.replicas)
-        print("throughput", report["throughput"]["persons_per_s"], report["throughput"]["ratio_concurrent_vs_sequential"],
-              flush=True)
+        tp = report["throughput"]
+        print("throughput", tp["persons_per_s"], tp["ratio_concurrent_vs_sequential"], flush=True)
         report["replica_kill"] = replica_kill(url, requests, args.clients, 30.0, 20.0)
         print("kill", {k: v for k, v in report["replica_kill"].items() if k != "load"}, flush=True)
         report["graceful_shutdown"] = graceful_shutdown(url, requests)
