@@ -18,7 +18,11 @@ COMMANDS = {
     "run": ("runtime.cli", "estimate keypoints on an image or a COCO file with a bundle"),
     "eval": ("benchmarks.eval_cli", "COCO AP of the PyTorch reference and every bundle variant"),
     "bench": ("benchmarks.bench_cli", "latency / throughput / memory benchmark with the reference baseline"),
+    "serve": ("serve.cli", "HTTP pose service on Ray Serve, persons batched across requests"),
+    "loadtest": ("serve.loadtest", "closed-loop HTTP load on a running service: latency percentiles, persons/s"),
 }
+# which extra brings a subcommand's optional dependencies
+EXTRAS = {"serve": "serve", "loadtest": "serve"}
 EXPECTED_ERRORS = ("PoseLLMEdgeError", "ConfigError", "CheckpointError", "ValidationError", "FileNotFoundError")
 
 
@@ -36,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
                 importlib.import_module(module).add_arguments(p)
             except ImportError as exc:
                 print(f"posellm-edge {name}: needs an optional dependency that is not installed ({exc.name}); "
-                      f"install posellm-edge[export] for export/eval/bench", file=sys.stderr)
+                      f"install posellm-edge[{EXTRAS.get(name, 'export')}]", file=sys.stderr)
                 return 2
     args = parser.parse_args(argv)
     try:

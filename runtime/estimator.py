@@ -125,6 +125,13 @@ class Estimator:
         return self._estimate(pixel_values, [(r.center, r.scale) for r in records], [r.box for r in records],
                               keypoints, watch)
 
+    def estimate_crops(self, pixel_values: np.ndarray, affines: list, boxes: Sequence[Sequence[float]],
+                       keypoints: Sequence[tuple[str, str]] | None = None, watch: Stopwatch | None = None
+                       ) -> list[PersonResult]:
+        """Persons already cropped (possibly from several images, as a server batches them): [N, 3, S, S]
+        pixel values, (center, scale) per person for the back-projection, and the boxes to report."""
+        return self._estimate(pixel_values, list(affines), boxes, keypoints, watch or Stopwatch())
+
     def _estimate(self, pixel_values: np.ndarray, affines: list, boxes, keypoints, watch: Stopwatch
                   ) -> list[PersonResult]:
         names, suffixes = self.queries(keypoints)

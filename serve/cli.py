@@ -1,0 +1,115 @@
+"""`posellm-edge serve BUNDLE`: run the pose service on Ray Serve (a local Ray, or an existing cluster via --address).
+
+Runs in the foreground; Ctrl-C / SIGTERM deletes the application gracefully (in-flight requests finish, up to
+--graceful-shutdown-s) and stops the local Ray it started.
+"""
+from __future__ import annotations
+
+import argparse
+import signal
+import threading
+import time
+from pathlib import Path
+
+import ray
+from ray import serve
+
+from runtime.backends import BACKENDS
+from runtime.errors import InputError
+from runtime.estimator import DECODINGS
+
+from .config import APP_NAME, ServeConfig, parse_autoscale
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("bundle", type=Path)
+    p.add_argument("--precision", default="fp32", help="bundle variant: fp32, fp16 or int8")
+    p.add_argument("--backend", choices=BACKENDS, default="onnxruntime")
+    p.add_argument("--decoding", choices=DECODINGS, default="template")
+    p.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads per replica")
+    scale = p.add_mutually_exclusive_group()
+    scale.add_argument("--replicas", type=int, default=1, help="fixed number of replicas")
+    scale.add_argument("--autoscale", type=parse_autoscale, metavar="MIN,MAX", help="autoscale between MIN and MAX")
+    p.add_argument("--host", default="127.0.0.1", help="HTTP bind address (0.0.0.0 to accept remote clients)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-persons-per-batch", type=int, default=None,
+                   help="persons per vision/decoder batch across requests (default: the bundle's exported max)")
+    p.add_argument("--batch-wait-ms", type=float, default=10.0,
+                   help="how long a batch waits for more requests after its first")
+    p.add_argument("--address", default=None,
+                   help="existing Ray cluster (HOST:6379, or 'auto' on one of its nodes); default: start Ray here")
+    p.add_argument("--metrics-port", type=int, default=None,
+                   help="Ray's Prometheus metrics port when Ray starts here (a cluster sets its own at `ray start`)")
+    p.add_argument("--cpus-per-replica", type=float, default=1.0)
+    p.add_argument("--gpus-per-replica", type=float, default=0.0, help="1 = one replica per GPU")
+    p.add_argument("--max-body-mb", type=float, default=20.0)
+    p.add_argument("--request-timeout-s", type=float, default=60.0)
+    p.add_argument("--graceful-shutdown-s", type=float, default=30.0)
+
+
+def config_from_args(args: argparse.Namespace) -> ServeConfig:
+    return ServeConfig(bundle=args.bundle, precision=args.precision, backend=args.backend, decoding=args.decoding,
+                       threads=args.threads, replicas=args.replicas, autoscale=args.autoscale, host=args.host,
+                       port=args.port, max_persons_per_batch=args.max_persons_per_batch,
+                       batch_wait_ms=args.batch_wait_ms, address=args.address, metrics_port=args.metrics_port,
+                       cpus_per_replica=args.cpus_per_replica, gpus_per_replica=args.gpus_per_replica,
+                       max_body_mb=args.max_body_mb, request_timeout_s=args.request_timeout_s,
+                       graceful_shutdown_timeout_s=args.graceful_shutdown_s)
+
+
+def start(config: ServeConfig, ray_init_kwargs: dict | None = None) -> str:
+    """Connect to (or start) Ray, start Serve's HTTP proxy and deploy the app; returns the base URL once ready."""
+    from .app import build_app, http_options
+
+    bundle = config.bundle.resolve()  # replicas may run in another working directory
+    config = ServeConfig(**{**config.__dict__, "bundle": bundle})
+    if not ray.is_initialized():
+        kwargs = dict(ray_init_kwargs or {})
+        if config.address is None and config.metrics_port is not None:
+            kwargs["_metrics_export_port"] = config.metrics_port
+        try:
+            # "local": always a fresh Ray here, never one that `ray start` left on this machine
+            ray.init(address=config.address or "local", **kwargs)
+        except ConnectionError as exc:
+            raise InputError(f"--address {config.address}: cannot connect to the Ray cluster: {exc}") from exc
+    serve.start(http_options=http_options(config))
+    serve.run(build_app(config), name=APP_NAME, route_prefix="/", blocking=False)
+    _wait_running(timeout_s=300)
+    host = "127.0.0.1" if config.host in ("0.0.0.0", "::") else config.host
+    return f"http://{host}:{config.port}"
+
+
+def stop(shutdown_ray: bool) -> None:
+    """Delete the app (replicas drain their in-flight requests), then Serve and the local Ray."""
+    serve.delete(APP_NAME, _blocking=True)
+    if shutdown_ray:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def _wait_running(timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        app = serve.status().applications.get(APP_NAME)
+        state = str(app.status) if app else "NOT_STARTED"
+        if state.endswith("RUNNING"):
+            return
+        if state.endswith("DEPLOY_FAILED") or state.endswith("UNHEALTHY"):
+            raise RuntimeError(f"application {APP_NAME} {state}: {app.message}")
+        time.sleep(0.5)
+    raise TimeoutError(f"application {APP_NAME} not running after {timeout_s:.0f}s")
+
+
+def run(args: argparse.Namespace) -> int:
+    config = config_from_args(args)
+    url = start(config)
+    print(f"serving {config.bundle} ({config.precision}, {config.decoding}) at {url}/v1/pose  "
+          f"(probes {url}/healthz {url}/readyz; Ctrl-C stops)", flush=True)
+    stop_event = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop_event.set())
+    while not stop_event.wait(1.0):  # a timed wait keeps the main thread responsive to signals
+        pass
+    print("stopping: in-flight requests finish first", flush=True)
+    stop(shutdown_ray=config.address is None)
+    return 0

@@ -1,0 +1,63 @@
+"""`ServeConfig`: everything `posellm-edge serve` needs to load the bundle and lay out the Ray Serve deployment."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from runtime.errors import InputError
+from runtime.estimator import DECODINGS
+
+APP_NAME = "posellm"
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    bundle: Path
+    precision: str = "fp32"
+    backend: str = "onnxruntime"
+    decoding: str = "template"
+    threads: int | None = None  # onnxruntime intra-op threads per replica (default: onnxruntime's)
+    replicas: int = 1
+    autoscale: tuple[int, int] | None = None  # (min, max) replicas; replaces `replicas`
+    host: str = "127.0.0.1"
+    port: int = 8000
+    max_persons_per_batch: int | None = None  # default: the bundle's exported max persons
+    batch_wait_ms: float = 10.0  # how long a batch waits for more persons after its first request
+    address: str | None = None  # existing Ray cluster ("HOST:6379" or "auto"); None: a fresh Ray in this process
+    metrics_port: int | None = None  # Ray's Prometheus endpoint on a Ray started here (else Ray picks a port)
+    cpus_per_replica: float = 1.0
+    gpus_per_replica: float = 0.0
+    max_body_mb: float = 20.0  # larger bodies get 413 before they are read
+    max_boxes: int = 64  # persons per request
+    max_ongoing_requests: int = 64  # per replica; must exceed the batch so concurrent requests can meet
+    max_queued_requests: int = 256  # per caller; beyond that Serve answers 503 at once instead of queueing
+    request_timeout_s: float = 60.0  # the HTTP proxy gives up (408 / 504) after this
+    graceful_shutdown_timeout_s: float = 30.0  # in-flight requests get this long to finish on shutdown
+
+    def __post_init__(self) -> None:
+        if self.decoding not in DECODINGS:
+            raise InputError(f"decoding={self.decoding!r}: expected one of {list(DECODINGS)}")
+        if self.replicas < 1:
+            raise InputError(f"replicas={self.replicas}: expected >= 1")
+        if self.autoscale is not None and not 0 <= self.autoscale[0] <= self.autoscale[1] >= 1:
+            raise InputError(f"autoscale={self.autoscale}: expected MIN,MAX with 0 <= MIN <= MAX and MAX >= 1")
+        if self.max_persons_per_batch is not None and self.max_persons_per_batch < 1:
+            raise InputError(f"max_persons_per_batch={self.max_persons_per_batch}: expected >= 1")
+        if not 0 <= self.batch_wait_ms <= 10_000:
+            raise InputError(f"batch_wait_ms={self.batch_wait_ms}: expected 0..10000")
+        if not 1 <= self.port <= 65535:
+            raise InputError(f"port={self.port}: expected 1..65535")
+        if self.max_body_mb <= 0 or self.max_boxes < 1:
+            raise InputError(f"max_body_mb={self.max_body_mb}, max_boxes={self.max_boxes}: expected > 0")
+
+    @property
+    def max_body_bytes(self) -> int:
+        return int(self.max_body_mb * 1024 * 1024)
+
+
+def parse_autoscale(text: str) -> tuple[int, int]:
+    try:
+        lo, hi = (int(v) for v in text.split(","))
+    except ValueError:
+        raise InputError(f"--autoscale {text!r}: expected MIN,MAX (two integers)") from None
+    return lo, hi
