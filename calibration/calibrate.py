@@ -138,10 +138,11 @@ def calibrate_bundle(cfg: CalibrationConfig, log: Callable[[str], None] = print)
 
 
 # ---------------------------------------------------------------------------------------------------- helpers
-def _int8_spec(spec: GraphSpec, path: Path) -> GraphSpec:
+def _int8_spec(spec: GraphSpec, path: Path, precision: str = PRECISION) -> GraphSpec:
+    """`spec` (inputs, outputs, ranges) for the graph written at `path`, to be published as `precision/<name>`."""
     ext = path.name + ".data"
-    return dataclasses.replace(spec, file=f"{PRECISION}/{path.name}",
-                               external_data=(f"{PRECISION}/{ext}",) if (path.parent / ext).exists() else ())
+    return dataclasses.replace(spec, file=f"{precision}/{path.name}",
+                               external_data=(f"{precision}/{ext}",) if (path.parent / ext).exists() else ())
 
 
 def _diff(got: np.ndarray, ref: np.ndarray) -> dict[str, float]:
@@ -246,22 +247,24 @@ def _artifact(cfg: CalibrationConfig, crops: PersonCrops, calibration_seconds: f
 
 
 def _publish(bundle: Path, manifest: Manifest, tmp: Path, variant: Variant) -> Manifest:
-    """Consistent at every step: drop any old int8 from the manifest, swap the folder in, then list it."""
-    prefix = PRECISION + "/"
+    """Consistent at every step: drop any old variant of this precision from the manifest, swap the folder in,
+    then list it."""
+    precision = variant.precision
+    prefix = precision + "/"
     files = {k: v for k, v in manifest.files.items() if not k.startswith(prefix)}
-    variants = {k: v for k, v in manifest.variants.items() if k != PRECISION}
+    variants = {k: v for k, v in manifest.variants.items() if k != precision}
     old = None
-    final = bundle / PRECISION
-    if PRECISION in manifest.variants or final.exists():
+    final = bundle / precision
+    if precision in manifest.variants or final.exists():
         write_manifest(bundle, dataclasses.replace(manifest, variants=variants, files=files))
-        old = bundle / f".{PRECISION}.old-{os.getpid()}"
+        old = bundle / f".{precision}.old-{os.getpid()}"
         if final.exists():
             os.replace(final, old)
     os.replace(tmp, final)
     for p in sorted(final.rglob("*")):
         if p.is_file():
             files[str(p.relative_to(bundle))] = sha256_file(p)
-    updated = dataclasses.replace(manifest, variants={**variants, PRECISION: variant},
+    updated = dataclasses.replace(manifest, variants={**variants, precision: variant},
                                   files=dict(sorted(files.items())))
     write_manifest(bundle, updated)
     if old is not None:
@@ -282,6 +285,8 @@ def weight_bytes(bundle: Path, spec: GraphSpec) -> int:
     for t in model.graph.initializer:
         if external_data_helper.uses_external_data(t):
             total += int({e.key: e.value for e in t.external_data}["length"])
+        elif t.HasField("raw_data"):  # as stored: int4 packs two values per byte
+            total += len(t.raw_data)
         else:
             total += numpy_helper.to_array(t).nbytes
     return total

@@ -26,7 +26,7 @@ from typing import Any, Callable
 from runtime.errors import BundleError, InputError, PoseLLMEdgeError
 from runtime.manifest import EngineSpec, GraphSpec, Manifest, Variant, load_manifest, sha256_file, write_manifest
 
-PRECISIONS = ("fp32", "fp16", "int8")
+PRECISIONS = ("fp32", "fp16", "int8", "int4", "int8wo")
 GRAPHS = ("vision", "decoder")
 DECODE_MAX_SEQ = 4  # template decoding feeds `d , 0 .` in one pass; free decoding feeds 1 token
 MIN_TENSORRT = 10
@@ -88,8 +88,9 @@ def engine_profiles(manifest: Manifest, variant: Variant, max_persons: int) -> d
     decode = {"batch": (1, keypoints, rows), "persons": (1, 1, max_persons), "prefix": (prefix, prefix, prefix),
               "seq": (1, 1, DECODE_MAX_SEQ), "past": (1, decode_past_opt, ctx),
               "total": (2, decode_past_opt + 1, ctx + DECODE_MAX_SEQ)}
-    out = {"vision": (_materialize(variant.vision, vision),),
-           "decoder": (_materialize(variant.decoder, prefill), _materialize(variant.decoder, decode))}
+    form = variant.form("tensorrt")  # weight-only variants: the Q/DQ graphs, not onnxruntime's MatMulNBits
+    out = {"vision": (_materialize(form.vision, vision),),
+           "decoder": (_materialize(form.decoder, prefill), _materialize(form.decoder, decode))}
     return out
 
 
@@ -147,7 +148,7 @@ def write_trtexec_script(bundle: Path, precision: str, variant: Variant, profile
     ]
     cache = str(Path(timing_cache).resolve()) if timing_cache is not None else None  # the script cd's
     for graph in GRAPHS:
-        spec: GraphSpec = getattr(variant, graph)
+        spec: GraphSpec = getattr(variant.form("tensorrt"), graph)
         cmd = trtexec_command(spec.file, engine_file(precision, graph), profiles[graph], workspace_gb, cache)
         lines.append('"$TRTEXEC" ' + " \\\n    ".join(shlex.quote(c) for c in cmd[1:]))
     text = "\n".join(lines) + "\n"
@@ -259,8 +260,8 @@ def build_engines(cfg: BuildConfig, log: Callable[[str], None] = print) -> Build
             t0 = time.perf_counter()
             staged = final.with_name(final.name + ".new")
             built[graph] = staged
-            build_engine(bundle / getattr(variant, graph).file, staged, profiles[graph], cfg.workspace_gb,
-                         cfg.timing_cache)
+            source = getattr(variant.form("tensorrt"), graph).file
+            build_engine(bundle / source, staged, profiles[graph], cfg.workspace_gb, cfg.timing_cache)
             seconds[graph] = time.perf_counter() - t0
             log(f"built {final.relative_to(bundle)} (TensorRT {trt.__version__}, strongly typed, "
                 f"{len(profiles[graph])} profile(s)) in {seconds[graph]:.1f}s")

@@ -53,14 +53,15 @@ class Estimator:
             raise InputError("this bundle's tokenizer does not split the answer one character per token; "
                              "template decoding is unavailable — use decoding='free'")
         engines = {e.graph: e for e in variant.engines}
-        self.vision = open_runner(cfg.backend, self.bundle, variant.vision, engines.get("vision"), cfg.threads)
-        runner = open_runner(cfg.backend, self.bundle, variant.decoder, engines.get("decoder"), cfg.threads)
+        form = variant.form(cfg.backend)  # weight-only int4/int8: MatMulNBits on onnxruntime, Q/DQ for TensorRT
+        self.vision = open_runner(cfg.backend, self.bundle, form.vision, engines.get("vision"), cfg.threads)
+        runner = open_runner(cfg.backend, self.bundle, form.decoder, engines.get("decoder"), cfg.threads)
         self.tokenizer = PromptTokenizer(Tokenizer.from_file(str(self.bundle / m.tokenizer)))
-        table = np.load(self.bundle / variant.embedding, mmap_mode="r")
+        table = np.load(self.bundle / form.embedding, mmap_mode="r")
         self.decoder = Decoder(m, runner, table, self.tokenizer.decode)
         self.crop_spec = CropSpec(crop_size=m.preprocess.crop_size, mean=tuple(m.preprocess.mean),
                                   std=tuple(m.preprocess.std))
-        batch_hi = variant.decoder.dynamic_ranges.get("batch", (1, None))[1]
+        batch_hi = form.decoder.dynamic_ranges.get("batch", (1, None))[1]
         self.max_batch = cfg.max_batch or batch_hi or m.max_persons * len(m.prompts.keypoints)
         if batch_hi is not None and self.max_batch > batch_hi:
             raise InputError(f"max_batch={self.max_batch} exceeds the exported decoder batch range {batch_hi}")

@@ -46,13 +46,34 @@ class EngineSpec:
 
 
 @dataclass(frozen=True)
+class GraphForm:
+    """The same weights written as other graphs, for backends that need another form."""
+
+    vision: GraphSpec
+    decoder: GraphSpec
+    embedding: str
+
+
+TENSORRT_BACKENDS = ("tensorrt", "onnxruntime-trt")
+
+
+@dataclass(frozen=True)
 class Variant:
-    precision: str  # fp32 | fp16 | int8
+    precision: str  # fp32 | fp16 | int8 | int4 | int8wo (weight-only)
     vision: GraphSpec
     decoder: GraphSpec
     embedding: str  # .npy file of the LLM token embedding table, memory-mapped by the runtime
     calibration: dict[str, Any] | None = None  # int8 only: artifact file, method, samples, data hash, sha256
     engines: tuple[EngineSpec, ...] = ()
+    # int4/int8wo: the decoder above is onnxruntime's MatMulNBits form; TensorRT gets the ONNX-standard blocked
+    # DequantizeLinear form of the same quantized weights (with fp16 activations) from here
+    tensorrt: GraphForm | None = None
+
+    def form(self, backend: str) -> GraphForm:
+        """The graphs a backend runs: the TensorRT form where there is one, else the variant's own graphs."""
+        if backend in TENSORRT_BACKENDS and self.tensorrt is not None:
+            return self.tensorrt
+        return GraphForm(self.vision, self.decoder, self.embedding)
 
 
 @dataclass(frozen=True)
