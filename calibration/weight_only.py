@@ -129,12 +129,17 @@ def write_blocked_qdq(src: Path, dst: Path, quantized: Mapping[str, BlockQuantiz
     def replace(node, weight: str, bq: BlockQuantized, dtype: np.dtype):
         # onnx packs int4 two per byte, first element in the low nibble (ml_dtypes.int4 arrays)
         q = numpy_helper.from_array(bq.q.astype(ml_dtypes.int4) if bq.bits == 4 else bq.q, f"{weight}_quantized")
-        s = numpy_helper.from_array(bq.scales.astype(dtype), f"{weight}_scale")  # [K / block, N]
+        s = numpy_helper.from_array(bq.scales.astype(dtype), f"{weight}_scale")  # [ceil(K / block), N]
+        inits = [q, s]
+        if bq.bits == 8:
+            # an explicit all-zero zero point of the scales' shape: onnxruntime's CPU optimizer otherwise adds a
+            # per-tensor one to blocked int8 DQ and then rejects it (measured with onnxruntime 1.32)
+            inits.append(numpy_helper.from_array(np.zeros(bq.scales.shape, np.int8), f"{weight}_zero_point"))
         out = f"{weight}_dequantized"
-        dq = helper.make_node("DequantizeLinear", [q.name, s.name], [out], name=f"{node.name}_DequantizeLinear",
-                              axis=0, block_size=bq.block_size)
+        dq = helper.make_node("DequantizeLinear", [t.name for t in inits], [out],
+                              name=f"{node.name}_DequantizeLinear", axis=0, block_size=bq.block_size)
         mm = helper.make_node("MatMul", [node.input[0], out], list(node.output), name=node.name)
-        return [dq, mm], [q, s]
+        return [dq, mm], inits
 
     summary = _rewrite(src, dst, quantized, BLOCKED_DQ_OPSET, replace)
     return {**summary, "form": "blocked_qdq"}
