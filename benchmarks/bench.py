@@ -17,7 +17,7 @@ import numpy as np
 from runtime.backends.base import Stopwatch
 from runtime.coco import read_coco_persons
 from runtime.estimator import Estimator, EstimatorConfig
-from runtime.manifest import sha256_file
+from runtime.manifest import TENSORRT_BACKENDS, sha256_file
 from runtime.preprocess import load_image
 from runtime.results import write_json
 
@@ -138,7 +138,8 @@ def benchmark(cfg: BenchConfig, log=print) -> dict:
                          **timing, "persons_per_s": _throughput(est, persons, cfg),
                          "peak_rss_mb": round(_peak_rss_mb(), 1),
                          "bundle": str(bundle), "bundle_sha256": sha256_file(Path(bundle) / "manifest.json"),
-                         "bundle_bytes": _bundle_bytes(Path(bundle), est.manifest.variant(precision))}
+                         "bundle_bytes": _bundle_bytes(Path(bundle), est.manifest.variant(precision)),
+                         "graphs": _graphs(est.manifest.variant(precision), cfg.backend)}
                 results.append(entry)
                 log(f"{name}: {entry['ms_per_person']['p50']:.1f} ms/person p50")
     ref = next((r for r in results if r["name"] == "reference"), None)
@@ -191,16 +192,35 @@ def _attach_accuracy(results: list[dict], eval_report: Path | None) -> None:
             r["delta_AP"] = round(r["AP"] - rep["reference"]["AP"], 3)
 
 
+def _graphs(variant, backend: str) -> dict[str, str]:
+    """The graph files this backend runs for the variant (weight-only and int8 variants have a TensorRT form)."""
+    form = variant.form(backend)
+    return {"vision": form.vision.file, "decoder": form.decoder.file}
+
+
+NOTES = {  # what the quantized variants run, per backend family (keyed by the precision seen in the results)
+    "tensorrt": "int8 / int8wo / int4 on TensorRT run their `tensorrt` graph form: fp16 activations with int8 or int4 "
+                "weights (Q/DQ), derived from the fp16 graphs, so no layer falls back to FP32 under strong typing. "
+                "Every decode pass streams all decoder weights, so they are meant to beat fp16 there.",
+    "onnxruntime": "On onnxruntime (CPU/CUDA EPs) int4 / int8wo run MatMulNBits with fp32 activations (weights "
+                   "unpacked per block inside the kernel); int8 runs the fp32 Q/DQ graphs (DequantizeLinear "
+                   "re-expands every weight per call).",
+}
+
+
 def markdown_table(results: list[dict]) -> str:
-    lines = ["| variant | backend | ms/person p50 | p90 | p99 | speed-up | persons/s (max batch) | peak RSS MB | AP "
-             "| ΔAP |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| variant | backend | ms/person p50 | p90 | p99 | decode ms p50 | speed-up | persons/s (max batch) "
+             "| peak RSS MB | AP | ΔAP |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         ms = r["ms_per_person"]
         pps = max(r["persons_per_s"].values())
+        decode = r.get("stages_ms", {}).get("decode", {}).get("p50")
         lines.append(f"| {r['name']} | {r['backend']} | {ms['p50']:.1f} | {ms['p90']:.1f} | {ms['p99']:.1f} | "
-                     f"{r.get('speedup_vs_reference', '')}× | {pps:.2f} | {r['peak_rss_mb']:.0f} | "
-                     f"{r.get('AP', '')} | {r.get('delta_AP', '')} |")
-    return "\n".join(lines)
+                     f"{'' if decode is None else f'{decode:.1f}'} | {r.get('speedup_vs_reference', '')}× | "
+                     f"{pps:.2f} | {r['peak_rss_mb']:.0f} | {r.get('AP', '')} | {r.get('delta_AP', '')} |")
+    quantized = {r["backend"] for r in results if r.get("precision") in ("int8", "int8wo", "int4")}
+    notes = sorted({NOTES["tensorrt" if b in TENSORRT_BACKENDS else "onnxruntime"] for b in quantized})
+    return "\n".join(lines + ([""] + [f"Note: {n}" for n in notes] if notes else []))
 
 
 def plot(results: list[dict], out: Path) -> None:
