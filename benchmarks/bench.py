@@ -199,9 +199,10 @@ def _graphs(variant, backend: str) -> dict[str, str]:
 
 
 NOTES = {  # what the quantized variants run, per backend family (keyed by the precision seen in the results)
-    "tensorrt": "int8 / int8wo / int4 on TensorRT run their `tensorrt` graph form: fp16 activations with int8 or int4 "
-                "weights (Q/DQ), derived from the fp16 graphs, so no layer falls back to FP32 under strong typing. "
-                "Every decode pass streams all decoder weights, so they are meant to beat fp16 there.",
+    "tensorrt": "int8 / int4 on TensorRT run their `tensorrt` graph form: fp16 activations with int8 (per channel) "
+                "or int4 (blocked) weights as Q/DQ, derived from the fp16 graphs, so no layer falls back to FP32 "
+                "under strong typing; every decode pass streams all decoder weights, so they are meant to beat fp16 "
+                "there. int8wo's blocked-int8 Q/DQ is outside TensorRT's documented support (`build` refuses it).",
     "onnxruntime": "On onnxruntime (CPU/CUDA EPs) int4 / int8wo run MatMulNBits with fp32 activations (weights "
                    "unpacked per block inside the kernel); int8 runs the fp32 Q/DQ graphs (DequantizeLinear "
                    "re-expands every weight per call).",

@@ -229,6 +229,20 @@ def build_engine(onnx_path: Path, engine_path: Path, profiles: tuple[dict[str, A
     return trt.__version__
 
 
+def check_weight_dq(bundle: Path, variant: Variant) -> None:
+    """Refuse, before any build, weight Q/DQ TensorRT would not import as weight-only quantization (e.g. int8wo's
+    blocked int8)."""
+    import onnx
+
+    from .trt_ops import weight_dq_problems
+    for graph in GRAPHS:
+        file = getattr(variant.form("tensorrt"), graph).file
+        problems = weight_dq_problems(onnx.load(str(bundle / file), load_external_data=False))
+        if problems:
+            raise BundleError(f"{file}: TensorRT cannot build these weight DequantizeLinear nodes: {problems[:3]}; "
+                              "use the int8 or int4 variant for TensorRT")
+
+
 # ------------------------------------------------------------------------------------------------- the command
 def build_engines(cfg: BuildConfig, log: Callable[[str], None] = print) -> BuildResult:
     bundle = Path(cfg.bundle)
@@ -238,6 +252,7 @@ def build_engines(cfg: BuildConfig, log: Callable[[str], None] = print) -> Build
                 else f"re-export with --precision {cfg.precision}")
         raise BundleError(f"{bundle} has no {cfg.precision} variant; {hint}")
     variant = manifest.variants[cfg.precision]
+    check_weight_dq(bundle, variant)
     max_persons = cfg.max_persons or manifest.max_persons
     profiles = engine_profiles(manifest, variant, max_persons)
     script = write_trtexec_script(bundle, cfg.precision, variant, profiles, cfg.workspace_gb, cfg.timing_cache)

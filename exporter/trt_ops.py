@@ -41,12 +41,13 @@ def unsupported_ops(op_types: set[str]) -> set[str]:
 TRT_WEIGHT_DQ_TYPES = {"INT8", "INT4"}
 TRT_BLOCKED_DQ_TYPES = {"INT4"}
 TRT_SCALE_TYPES = {"FLOAT", "FLOAT16"}
+WEIGHT_CONSUMERS = {"MatMul", "Gemm", "Conv"}
 
 
 def weight_dq_problems(model) -> list[str]:
     """Why TensorRT would not build a graph's weight DequantizeLinear nodes as weight-only quantization; []
     when every one dequantizes an INT8/INT4 initializer with a float32/float16 initializer scale, zero points
-    absent or all zero, blocked only for 2-D INT4 weights (scales of the weight's rank), feeding a MatMul."""
+    absent or all zero, blocked only for 2-D INT4 weights (scales of the weight's rank), feeding MatMul/Gemm/Conv."""
     import numpy as np
     from onnx import TensorProto, numpy_helper
 
@@ -79,6 +80,6 @@ def weight_dq_problems(model) -> list[str]:
             if len(w.dims) != 2 or s is None or len(s.dims) != 2:
                 problems.append(f"{dq.name}: blocked DQ needs a 2-D weight and 2-D scales")
         users = consumers.get(dq.output[0], [])
-        if not users or any(u.op_type != "MatMul" or u.input[1] != dq.output[0] for u in users):
-            problems.append(f"{dq.name}: output must feed MatMul weight inputs only")
+        if not users or any(u.op_type not in WEIGHT_CONSUMERS or u.input[1] != dq.output[0] for u in users):
+            problems.append(f"{dq.name}: output must feed the weight input of {sorted(WEIGHT_CONSUMERS)} only")
     return problems

@@ -301,3 +301,19 @@ def test_gptq_variant_from_calibration_crops(tmp_path, tiny_bundle):
     assert a["sizes"]["onnxruntime_ratio_vs_fp16"] <= 0.62  # tiny graph: fp32 scales and norms weigh more
     est = Estimator(out, precision="int8wo", decoding="template")
     assert len(est.estimate(tiny.random_image(5), BOXES[:1])[0].answers) == 17
+
+
+def test_tensorrt_build_uses_the_qdq_form_and_refuses_blocked_int8(int4_bundle, tmp_path):
+    """`build --commands-only` (no TensorRT needed) writes trtexec lines for the int4 variant's Q/DQ form (fp16
+    vision + blocked-int4 decoder); a blocked-int8 (int8wo) variant is refused before anything is built."""
+    from exporter.trt_build import BuildConfig, build_engines
+    from runtime.errors import BundleError
+    bundle, _ = int4_bundle
+    build_engines(BuildConfig(bundle, "int4", commands_only=True))
+    script = (bundle / "trtexec_int4.sh").read_text()
+    assert "--onnx=int4/decoder_qdq.onnx" in script and "--onnx=fp16/vision.onnx" in script
+    copy = tmp_path / "b"
+    shutil.copytree(bundle, copy)
+    quantize_bundle(QuantizeConfig(copy, bits=8, block_size=32, method="rtn", threads=1))
+    with pytest.raises(BundleError, match="blocked.*INT8"):
+        build_engines(BuildConfig(copy, "int8wo", commands_only=True))
