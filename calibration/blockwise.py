@@ -77,7 +77,10 @@ def quantize_rtn(w: np.ndarray, bits: int, block_size: int, name: str = "weight"
 
 def quantize_gptq(w: np.ndarray, hessian: np.ndarray, bits: int, block_size: int, damp: float = 0.01,
                   name: str = "weight") -> BlockQuantized:
-    """GPTQ with one scale per block (computed when the block is reached, from the already-updated rows).
+    """GPTQ in activation order with static groups: each block's scale is fixed up front (as RTN would pick it),
+    then input rows are rounded from the most to the least active one (descending diag H), each row's error
+    spread over the rows not yet rounded — the GPTQ reference's `act_order` + `static_groups`, which keeps the
+    contiguous blocks both graph forms need.
 
     `hessian` is Σ xᵀx [K, K] over the calibration tokens that reach this weight; `damp` × mean(diag) is added
     for numerical stability (the paper's 1%). Input features never seen (zero diagonal) are zeroed, as in GPTQ.
@@ -91,24 +94,27 @@ def quantize_gptq(w: np.ndarray, hessian: np.ndarray, bits: int, block_size: int
     dead = np.diag(H) == 0
     H[dead, dead] = 1.0
     W[dead, :] = 0.0
+    scales = block_scales(W, bits, block_size)
+    row_scale = per_row(scales, block_size, k).astype(np.float64)
+    perm = np.argsort(-np.diag(H), kind="stable")
+    W, H, row_scale = W[perm], H[perm][:, perm], row_scale[perm]
     H[np.diag_indices(k)] += damp * np.mean(np.diag(H))
     # Upper Cholesky factor of H⁻¹: row i holds the weights that spread row i's rounding error over rows > i.
     U = np.linalg.cholesky(np.linalg.inv(H)).T
     q = np.zeros((k, n), np.int8)
-    scales = np.zeros((_blocks(k, block_size), n), np.float16)
-    for b0 in range(0, k, block_size):
+    lo, hi = -2 ** (bits - 1), 2 ** (bits - 1) - 1
+    for b0 in range(0, k, block_size):  # lazy batches of rows (in activation order)
         b1 = min(b0 + block_size, k)
-        scale = block_scales(W[b0:b1], bits, block_size)[0]
-        scales[b0 // block_size] = scale
-        s = scale.astype(np.float64)
         err = np.zeros((b1 - b0, n))
         for i in range(b0, b1):
-            q[i] = _round(W[i], scale, bits)
-            e = (W[i] - q[i] * s) / U[i, i]
+            q[i] = np.clip(np.rint(W[i] / row_scale[i]), lo, hi)
+            e = (W[i] - q[i] * row_scale[i]) / U[i, i]
             W[i + 1:b1] -= np.outer(U[i, i + 1:b1], e)
             err[i - b0] = e
-        W[b1:] -= U[b0:b1, b1:].T @ err  # lazy batch update of the rows after this block
-    return BlockQuantized(q, scales, bits, block_size)
+        W[b1:] -= U[b0:b1, b1:].T @ err
+    out = np.empty_like(q)
+    out[perm] = q
+    return BlockQuantized(out, scales, bits, block_size)
 
 
 # ------------------------------------------------------------------------------------------- MatMulNBits packing

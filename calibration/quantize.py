@@ -50,7 +50,7 @@ class QuantizeConfig:
     bits: int = 4
     block_size: int = 64  # input features per scale
     method: str = "gptq"
-    samples: int = 8  # persons decoded (template) through the fp32 graphs for GPTQ's statistics
+    samples: int = 16  # persons decoded (template) through the fp32 graphs for GPTQ's statistics
     lm_head: bool = True  # quantize lm_head too (the largest single matrix of a small-vocab model)
     name: str | None = None  # variant name; default int4 / int8wo
     checkpoint: Path | None = None  # validate against the PyTorch model carrying the dequantized weights

@@ -29,8 +29,8 @@ echo "== calibrate int8 (vision W8A8, decoder weight-only int8)"
 "$CLI" calibrate "$OUT/bundle" --coco "$ANN" --images "$IMAGES" --samples 32
 
 echo "== quantize the decoder weight-only: int4 and int8 (GPTQ on person crops, block 64; MatMulNBits + Q/DQ forms)"
-"$CLI" quantize "$OUT/bundle" --bits 4 --coco "$ANN" --images "$IMAGES" --samples 8 --checkpoint "$CKPT"
-"$CLI" quantize "$OUT/bundle" --bits 8 --coco "$ANN" --images "$IMAGES" --samples 8 --checkpoint "$CKPT"
+"$CLI" quantize "$OUT/bundle" --bits 4 --coco "$ANN" --images "$IMAGES" --samples 16 --checkpoint "$CKPT"
+"$CLI" quantize "$OUT/bundle" --bits 8 --coco "$ANN" --images "$IMAGES" --samples 16 --checkpoint "$CKPT"
 
 echo "== run on one image, with a drawing"
 read -r IMG BOX < <("$PY" - "$ANN" <<'PY'
