@@ -167,13 +167,7 @@ def quantize_decoder_weights(src: Path, dst: Path) -> dict[str, Any]:
             removed.add(name)
         del w
     kept = [t for t in graph.initializer if t.name not in removed]
-    for t in kept:  # the remaining (small) float tensors move into the new file
-        if external_data_helper.uses_external_data(t):
-            external_data_helper.load_external_data_for_tensor(t, base)
-            t.data_location = TensorProto.DEFAULT
-            del t.external_data[:]
-    del graph.initializer[:]
-    graph.initializer.extend(kept + new_inits)
+    set_initializers(graph, kept, new_inits, base)
     nodes = list(graph.node)
     del graph.node[:]
     graph.node.extend(dq_nodes + nodes)  # DQ nodes read initializers only: first is topologically valid
@@ -183,6 +177,18 @@ def quantize_decoder_weights(src: Path, dst: Path) -> dict[str, Any]:
     onnx.checker.check_model(str(dst))  # by path: also valid for graphs with external data
     return {"weights": len(weights), "parameters": int(params), "scale_dtype": "float16" if fp16 else "float32",
             "axis": 1, "kept_float_initializers": len(kept)}
+
+
+def set_initializers(graph: onnx.GraphProto, kept: list[TensorProto], new: list[TensorProto], base: str) -> None:
+    """The graph's initializers become `kept` + `new`; kept tensors stored as external data are read in, so the
+    remaining (small) float tensors move into the new file."""
+    for t in kept:
+        if external_data_helper.uses_external_data(t):
+            external_data_helper.load_external_data_for_tensor(t, base)
+            t.data_location = TensorProto.DEFAULT
+            del t.external_data[:]
+    del graph.initializer[:]
+    graph.initializer.extend(kept + new)
 
 
 def _opset(model: onnx.ModelProto) -> int:

@@ -14,7 +14,6 @@ fp32 model (reported: that is the quantization error).
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import shutil

@@ -21,14 +21,14 @@ from typing import Any, Iterable, Mapping
 import ml_dtypes
 import numpy as np
 import onnx
-from onnx import TensorProto, external_data_helper, helper, numpy_helper
+from onnx import TensorProto, helper, numpy_helper
 
 from runtime.backends.base import GraphRunner
 from runtime.backends.onnxruntime import OrtRunner
 from runtime.manifest import GraphSpec
 
-from .blockwise import BlockQuantized, check_shape, pack_matmul_nbits
-from .qdq import QuantizationError, save_graph
+from .blockwise import BlockQuantized, pack_matmul_nbits
+from .qdq import QuantizationError, save_graph, set_initializers
 
 BLOCKED_DQ_OPSET = 21  # DequantizeLinear's block_size and int4 types
 MS_DOMAIN = "com.microsoft"
@@ -94,13 +94,7 @@ def _rewrite(src: Path, dst: Path, quantized: Mapping[str, BlockQuantized], opse
         replaced.add(node.input[1])
     still_used = {i for n in nodes for i in n.input}
     kept = [t for t in graph.initializer if t.name not in replaced or t.name in still_used]
-    for t in kept:  # the remaining (small) float tensors move into the new file
-        if external_data_helper.uses_external_data(t):
-            external_data_helper.load_external_data_for_tensor(t, base)
-            t.data_location = TensorProto.DEFAULT
-            del t.external_data[:]
-    del graph.initializer[:]
-    graph.initializer.extend(kept + new_inits)
+    set_initializers(graph, kept, new_inits, base)
     del graph.node[:]
     graph.node.extend(nodes)
     if any(n.domain == MS_DOMAIN for n in nodes) and all(o.domain != MS_DOMAIN for o in model.opset_import):
