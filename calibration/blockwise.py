@@ -1,15 +1,15 @@
 """Block-wise symmetric weight-only quantization of one [K, N] MatMul weight (K = input features), in numpy.
 
-One quantized weight set — signed ints q [K, N] and fp16 scales [ceil(K / block), N] with w ≈ q * scale — from which both
-graph forms are written (weight_only.py): ONNX `DequantizeLinear` (opset 21, `block_size`) and onnxruntime's
+One quantized weight set — signed ints q [K, N] and fp16 scales [ceil(K / block), N] with w ≈ q * scale — from
+which both graph forms are written (weight_only.py): ONNX `DequantizeLinear` (opset 21, `block_size`) and onnxruntime's
 `MatMulNBits`. Scales are rounded to fp16 *before* rounding the weights, so the fp16 and fp32 graphs dequantize to
 the same values. Two methods: round-to-nearest, and GPTQ (Frantar et al. 2022), which rounds input rows one at a
 time and spreads each row's error over the rows not yet rounded, weighted by the calibration activations' second
 moment H = Σ xᵀx.
 
 `MatMulNBits` storage (onnxruntime docs/ContribOperators.md, com.microsoft.MatMulNBits): B is uint8
-[N, ceil(K / block), block * bits / 8]; each column's block holds q + 2^(bits-1) (the op's default zero point when none is
-given), for 4 bits two per byte, the even element of a pair in the low nibble.
+[N, ceil(K / block), block * bits / 8]; each column's block holds q + 2^(bits-1) (the op's default zero point when
+none is given), for 4 bits two per byte, the even element of a pair in the low nibble.
 """
 from __future__ import annotations
 

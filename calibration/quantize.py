@@ -14,6 +14,7 @@ fp32 model (reported: that is the quantization error).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -141,7 +142,8 @@ def quantize_bundle(cfg: QuantizeConfig, log: Callable[[str], None] = print) -> 
         log(f"forms on onnxruntime CPU (prefill logits, {checks['persons']} persons): "
             f"MatMulNBits vs Q/DQ ({trt_form['activation_dtype']}) max|diff| "
             f"{checks['matmul_nbits_vs_qdq']['max_abs']:.3e}; MatMulNBits vs fp32 "
-            f"{checks['matmul_nbits_vs_fp32']['max_abs']:.3e} (ref max {checks['matmul_nbits_vs_fp32']['ref_max_abs']:.2f})")
+            f"{checks['matmul_nbits_vs_fp32']['max_abs']:.3e} "
+            f"(ref max {checks['matmul_nbits_vs_fp32']['ref_max_abs']:.2f})")
         validation = None
         if cfg.checkpoint is not None:
             from .weight_only_validate import validate_against_pytorch
@@ -158,6 +160,7 @@ def quantize_bundle(cfg: QuantizeConfig, log: Callable[[str], None] = print) -> 
             "output_error": {k: float(np.mean([e[k] for e in errors.values() if k in e]))
                              for k in ("rtn", "gptq") if any(k in e for e in errors.values())},
             "checks": checks, "validation": validation,
+            "sizes": decoder_sizes(bundle, fp16, tmp, {"onnxruntime": decoder_spec, "tensorrt": qdq_spec}),
         }
         (tmp / "quantization.json").write_text(json.dumps(artifact, indent=1, sort_keys=True) + "\n")
         variant = Variant(
@@ -172,8 +175,7 @@ def quantize_bundle(cfg: QuantizeConfig, log: Callable[[str], None] = print) -> 
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    sizes = decoder_sizes(bundle, manifest, name)
-    artifact["sizes"] = sizes
+    sizes = artifact["sizes"]
     for form in ("onnxruntime", "tensorrt"):
         ratio = sizes[f"{form}_ratio_vs_fp16"]
         if ratio is not None:
@@ -183,13 +185,12 @@ def quantize_bundle(cfg: QuantizeConfig, log: Callable[[str], None] = print) -> 
     return QuantizeResult(bundle, manifest.variants[name], artifact, seconds)
 
 
-def decoder_sizes(bundle: Path, manifest: Manifest, name: str) -> dict[str, Any]:
-    v = manifest.variants[name]
-    fp16 = manifest.variants.get("fp16")
+def decoder_sizes(bundle: Path, fp16: Variant | None, staged: Path, forms: dict[str, GraphSpec]) -> dict[str, Any]:
+    """Weight (initializer) bytes of each form's decoder, staged in `staged` before publishing, vs the fp16 one."""
     ref = weight_bytes(bundle, fp16.decoder) if fp16 else None
     out: dict[str, Any] = {"fp16_weight_bytes": ref}
-    for form, spec in (("onnxruntime", v.decoder), ("tensorrt", v.form("tensorrt").decoder)):
-        b = weight_bytes(bundle, spec)
+    for form, spec in forms.items():
+        b = weight_bytes(staged, dataclasses.replace(spec, file=Path(spec.file).name))
         out[f"{form}_weight_bytes"] = b
         out[f"{form}_ratio_vs_fp16"] = round(b / ref, 4) if ref else None
     return out
@@ -197,7 +198,7 @@ def decoder_sizes(bundle: Path, manifest: Manifest, name: str) -> dict[str, Any]
 
 # ---------------------------------------------------------------------------------------------------- helpers
 def _output_error(w: np.ndarray, bq: BlockQuantized, h: np.ndarray) -> float:
-    """||X (W - Wq)||_F / ||X W||_F from H = XᵀX: the relative error the layer's outputs get on the calibration data."""
+    """||X (W - Wq)||_F / ||X W||_F from H = XᵀX: relative error of the layer's outputs on the calibration data."""
     d = w.astype(np.float64) - bq.dequantize(np.float64)
     num = float(np.sum(d * (h @ d)))
     den = float(np.sum(w * (h @ w.astype(np.float64))))

@@ -4,6 +4,7 @@ onnxruntime CPU, GPTQ vs RTN, the TensorRT Q/DQ check, validation against PyTorc
 Tolerances are stated per test; every numeric test prints its max difference."""
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -165,8 +166,8 @@ def test_our_unpacking_reads_onnxruntimes_own_matmul_nbits_packer(tmp_path):
     g = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["m", k])],
                           [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["m", n])],
                           [numpy_helper.from_array(packed, "b"), numpy_helper.from_array(scales.reshape(-1), "s")])
-    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]),
-              str(tmp_path / "ort.onnx"))
+    opsets = [helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
+    onnx.save(helper.make_model(g, opset_imports=opsets), str(tmp_path / "ort.onnx"))
     deq = unpack_matmul_nbits(packed, 4, k, n, block).astype(np.float64) * np.repeat(scales.T, block, axis=0)[:k]
     x = rng.standard_normal((5, k)).astype(np.float32)
     ref = x @ deq
@@ -251,8 +252,9 @@ def test_tensorrt_check_flags_blocked_int8_and_nonzero_zero_points():
 
 
 def test_validation_against_pytorch_and_artifact(int4_bundle):
-    _, result = int4_bundle
+    bundle, result = int4_bundle
     a = result.artifact
+    assert json.loads((bundle / "int4" / "quantization.json").read_text()) == a  # what was published
     same = a["validation"]["same_weights"]
     assert all(c["passed"] for checks in same.values() for c in checks)
     worst = max(c["max_abs"] for c in same["matmul_nbits"] if c["output"].startswith("logits"))
