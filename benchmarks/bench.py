@@ -39,6 +39,7 @@ class BenchConfig:
     warmup: int = 2
     batch_sizes: tuple[int, ...] = (1, 4, 8)
     reference_persons: int = 6
+    interleave: bool = False  # time the variants in turn on each person: on a shared machine all see the same load
     eval_report: Path | None = None
     out: Path | None = None
     plot: Path | None = None
@@ -82,21 +83,28 @@ def _persons(cfg: BenchConfig):
 
 
 def _time(estimator, persons, cfg: BenchConfig, n: int) -> dict:
-    e2e, stages = [], {s: [] for s in STAGES}
+    return _time_interleaved([estimator], persons, cfg, n)[0]
+
+
+def _time_interleaved(estimators: list, persons, cfg: BenchConfig, n: int) -> list[dict]:
+    """Single-person calls, each person run by every estimator in turn (the order rotates per person)."""
+    e2e = [[] for _ in estimators]
+    stages = [{s: [] for s in STAGES} for _ in estimators]
     for i in range(cfg.warmup + n):
         image, rec = persons[i % len(persons)]
-        watch = Stopwatch()
-        t0 = time.perf_counter()
-        if isinstance(estimator, Estimator):
-            estimator.estimate_records(image, [rec], watch=watch)
-        else:
-            estimator.estimate_records(image, [rec])
-        if i >= cfg.warmup:
-            e2e.append(time.perf_counter() - t0)
-            for s in STAGES:
-                stages[s].append(watch.seconds.get(s, 0.0))
-    return {"ms_per_person": _pct(e2e), "stages_ms": {s: _pct(v) for s, v in stages.items()} if
-            isinstance(estimator, Estimator) else {}}
+        for j in np.roll(np.arange(len(estimators)), -i):
+            watch = Stopwatch()
+            t0 = time.perf_counter()
+            if isinstance(estimators[j], Estimator):
+                estimators[j].estimate_records(image, [rec], watch=watch)
+            else:
+                estimators[j].estimate_records(image, [rec])
+            if i >= cfg.warmup:
+                e2e[j].append(time.perf_counter() - t0)
+                for s in STAGES:
+                    stages[j][s].append(watch.seconds.get(s, 0.0))
+    return [{"ms_per_person": _pct(e2e[j]), "stages_ms": {s: _pct(v) for s, v in stages[j].items()} if
+             isinstance(est, Estimator) else {}} for j, est in enumerate(estimators)]
 
 
 def _throughput(estimator: Estimator, persons, cfg: BenchConfig) -> dict[str, float]:
@@ -125,6 +133,7 @@ def benchmark(cfg: BenchConfig, log=print) -> dict:
     results = []
     if cfg.checkpoint is not None:
         results.append(_bench_reference(cfg, persons, log))
+    pending = []  # interleaved: (entry without timings, estimator), timed together below
     for bundle in cfg.bundles:
         probe = Estimator(bundle, EstimatorConfig())
         for precision in cfg.precisions or tuple(probe.manifest.variants):
@@ -133,15 +142,25 @@ def benchmark(cfg: BenchConfig, log=print) -> dict:
                 est = Estimator(bundle, EstimatorConfig(precision=precision, decoding=decoding,
                                                         backend=cfg.backend, verify=False))
                 name = variant_name(bundle, precision, decoding, len(cfg.bundles) > 1)
-                timing = _time(est, persons, cfg, cfg.persons)
                 entry = {"name": name, "backend": cfg.backend, "precision": precision, "decoding": decoding,
-                         **timing, "persons_per_s": _throughput(est, persons, cfg),
-                         "peak_rss_mb": round(_peak_rss_mb(), 1),
                          "bundle": str(bundle), "bundle_sha256": sha256_file(Path(bundle) / "manifest.json"),
                          "bundle_bytes": _bundle_bytes(Path(bundle), est.manifest.variant(precision)),
                          "graphs": _graphs(est.manifest.variant(precision), cfg.backend)}
+                if cfg.interleave:
+                    pending.append((entry, est))
+                    continue
+                entry.update(_time(est, persons, cfg, cfg.persons), persons_per_s=_throughput(est, persons, cfg),
+                             peak_rss_mb=round(_peak_rss_mb(), 1))
                 results.append(entry)
                 log(f"{name}: {entry['ms_per_person']['p50']:.1f} ms/person p50")
+    if pending:
+        timings = _time_interleaved([est for _, est in pending], persons, cfg, cfg.persons)
+        for (entry, est), timing in zip(pending, timings):
+            # one process holds every variant: its peak RSS is shared, not per variant
+            entry.update(timing, persons_per_s=_throughput(est, persons, cfg), peak_rss_mb=round(_peak_rss_mb(), 1),
+                         interleaved=True)
+            results.append(entry)
+            log(f"{entry['name']}: {entry['ms_per_person']['p50']:.1f} ms/person p50 (interleaved)")
     ref = next((r for r in results if r["name"] == "reference"), None)
     for r in results:
         if ref is not None:
