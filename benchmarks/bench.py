@@ -217,7 +217,7 @@ def _graphs(variant, backend: str) -> dict[str, str]:
     return {"vision": form.vision.file, "decoder": form.decoder.file}
 
 
-NOTES = {  # what the quantized variants run, per backend family (keyed by the precision seen in the results)
+NOTES = {  # what the quantized variants run, per backend family
     "tensorrt": "int8 / int4 on TensorRT run their `tensorrt` graph form: fp16 activations with int8 (per channel) "
                 "or int4 (blocked) weights as Q/DQ, derived from the fp16 graphs, so no layer falls back to FP32 "
                 "under strong typing; every decode pass streams all decoder weights, so they are meant to beat fp16 "

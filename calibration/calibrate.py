@@ -23,7 +23,8 @@ from runtime.backends.base import Stopwatch
 from runtime.backends.onnxruntime import OrtRunner
 from runtime.decoding import Decoder
 from runtime.errors import InputError
-from runtime.manifest import GraphForm, GraphSpec, Manifest, Variant, load_manifest, sha256_file, write_manifest
+from runtime.manifest import (SCHEMA_VERSION, GraphForm, GraphSpec, Manifest, Variant, load_manifest, sha256_file,
+                              write_manifest)
 from runtime.preprocess import CropSpec
 
 from .data import PersonCrops, RecordingRunner, VisionReader, load_person_crops
@@ -298,7 +299,7 @@ def _publish(bundle: Path, manifest: Manifest, tmp: Path, variant: Variant) -> M
     for p in sorted(final.rglob("*")):
         if p.is_file():
             files[str(p.relative_to(bundle))] = sha256_file(p)
-    updated = dataclasses.replace(manifest, variants={**variants, precision: variant},
+    updated = dataclasses.replace(manifest, schema_version=SCHEMA_VERSION, variants={**variants, precision: variant},
                                   files=dict(sorted(files.items())))
     write_manifest(bundle, updated)
     if old is not None:

@@ -16,8 +16,10 @@ from typing import Any
 
 from .errors import BundleError
 
-SCHEMA_VERSION = 2  # 2: the decoder takes the shared prefix K/V as its own inputs (prefix_key_values.*)
-SUPPORTED_SCHEMA_VERSIONS = (2,)
+# 2: the decoder takes the shared prefix K/V as its own inputs (prefix_key_values.*)
+# 3: a variant may carry a second graph form for TensorRT (`tensorrt`); version-2 manifests read unchanged
+SCHEMA_VERSION = 3
+SUPPORTED_SCHEMA_VERSIONS = (2, 3)
 MANIFEST_NAME = "manifest.json"
 
 

@@ -319,3 +319,16 @@ def test_tensorrt_build_uses_the_qdq_form_and_refuses_blocked_int8(int4_bundle, 
     quantize_bundle(QuantizeConfig(copy, bits=8, block_size=32, method="rtn", threads=1))
     with pytest.raises(BundleError, match="blocked.*INT8"):
         build_engines(BuildConfig(copy, "int8wo", commands_only=True))
+
+
+def test_version_2_manifests_read_unchanged(tiny_bundle):
+    """Schema 3 only adds the optional `tensorrt` form: a version-2 manifest (no such key) reads as before, and every
+    backend gets the variant's own graphs."""
+    from runtime.manifest import Manifest
+    data = json.loads((tiny_bundle / "manifest.json").read_text())
+    data["schema_version"] = 2
+    for v in data["variants"].values():
+        v.pop("tensorrt", None)
+    m = Manifest.from_json(json.dumps(data))
+    fp16 = m.variants["fp16"]
+    assert fp16.tensorrt is None and fp16.form("tensorrt").decoder == fp16.decoder

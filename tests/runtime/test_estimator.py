@@ -135,7 +135,7 @@ def test_newer_schema_rejected(tiny_bundle, tmp_path):
     data = json.loads((newer / "manifest.json").read_text())
     data["schema_version"] = 99
     (newer / "manifest.json").write_text(json.dumps(data))
-    with pytest.raises(BundleError, match=r"schema_version 99 is not supported.*\[2\]"):
+    with pytest.raises(BundleError, match=r"schema_version 99 is not supported.*\[2, 3\]"):
         Estimator(newer)
 
 
