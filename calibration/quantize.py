@@ -97,7 +97,7 @@ def quantize_bundle(cfg: QuantizeConfig, log: Callable[[str], None] = print) -> 
     fp16 = manifest.variants.get("fp16")  # source of the TensorRT form (fp16 activations) when present
     src32 = onnx.load(str(bundle / fp32.decoder.file), load_external_data=False)
     nodes = matmul_weights(src32)
-    vocab = manifest.dims.vocab_size
+    vocab = manifest.dims.vocab_size  # lm_head is the MatMul whose outputs are the vocabulary
     chosen = {n: aw for n, aw in nodes.items()
               if cfg.lm_head or next(t.dims for t in src32.graph.initializer if t.name == aw[1])[-1] != vocab}
 
