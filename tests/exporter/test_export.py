@@ -105,7 +105,7 @@ def test_manifest_round_trip_and_version_rejection(tiny_bundle, tmp_path):
     assert Manifest.from_json(m.to_json()) == m
     data = json.loads(m.to_json())
     data["schema_version"] = SCHEMA_VERSION + 1
-    with pytest.raises(BundleError, match=r"not supported.*versions \[2\]"):
+    with pytest.raises(BundleError, match=r"not supported.*versions \[2, 3\]"):
         Manifest.from_json(json.dumps(data))
     data["schema_version"] = SCHEMA_VERSION
     data["dims"]["surprise"] = 1
