@@ -17,7 +17,7 @@ import numpy as np
 from runtime.backends.base import Stopwatch
 from runtime.coco import read_coco_persons
 from runtime.estimator import Estimator, EstimatorConfig
-from runtime.manifest import sha256_file
+from runtime.manifest import TENSORRT_BACKENDS, sha256_file
 from runtime.preprocess import load_image
 from runtime.results import write_json
 
@@ -39,6 +39,7 @@ class BenchConfig:
     warmup: int = 2
     batch_sizes: tuple[int, ...] = (1, 4, 8)
     reference_persons: int = 6
+    interleave: bool = False  # time the variants in turn on each person: on a shared machine all see the same load
     eval_report: Path | None = None
     out: Path | None = None
     plot: Path | None = None
@@ -82,21 +83,28 @@ def _persons(cfg: BenchConfig):
 
 
 def _time(estimator, persons, cfg: BenchConfig, n: int) -> dict:
-    e2e, stages = [], {s: [] for s in STAGES}
+    return _time_interleaved([estimator], persons, cfg, n)[0]
+
+
+def _time_interleaved(estimators: list, persons, cfg: BenchConfig, n: int) -> list[dict]:
+    """Single-person calls, each person run by every estimator in turn (the order rotates per person)."""
+    e2e = [[] for _ in estimators]
+    stages = [{s: [] for s in STAGES} for _ in estimators]
     for i in range(cfg.warmup + n):
         image, rec = persons[i % len(persons)]
-        watch = Stopwatch()
-        t0 = time.perf_counter()
-        if isinstance(estimator, Estimator):
-            estimator.estimate_records(image, [rec], watch=watch)
-        else:
-            estimator.estimate_records(image, [rec])
-        if i >= cfg.warmup:
-            e2e.append(time.perf_counter() - t0)
-            for s in STAGES:
-                stages[s].append(watch.seconds.get(s, 0.0))
-    return {"ms_per_person": _pct(e2e), "stages_ms": {s: _pct(v) for s, v in stages.items()} if
-            isinstance(estimator, Estimator) else {}}
+        for j in np.roll(np.arange(len(estimators)), -i):
+            watch = Stopwatch()
+            t0 = time.perf_counter()
+            if isinstance(estimators[j], Estimator):
+                estimators[j].estimate_records(image, [rec], watch=watch)
+            else:
+                estimators[j].estimate_records(image, [rec])
+            if i >= cfg.warmup:
+                e2e[j].append(time.perf_counter() - t0)
+                for s in STAGES:
+                    stages[j][s].append(watch.seconds.get(s, 0.0))
+    return [{"ms_per_person": _pct(e2e[j]), "stages_ms": {s: _pct(v) for s, v in stages[j].items()} if
+             isinstance(est, Estimator) else {}} for j, est in enumerate(estimators)]
 
 
 def _throughput(estimator: Estimator, persons, cfg: BenchConfig) -> dict[str, float]:
@@ -125,6 +133,7 @@ def benchmark(cfg: BenchConfig, log=print) -> dict:
     results = []
     if cfg.checkpoint is not None:
         results.append(_bench_reference(cfg, persons, log))
+    pending = []  # interleaved: (entry without timings, estimator), timed together below
     for bundle in cfg.bundles:
         probe = Estimator(bundle, EstimatorConfig())
         for precision in cfg.precisions or tuple(probe.manifest.variants):
@@ -133,14 +142,25 @@ def benchmark(cfg: BenchConfig, log=print) -> dict:
                 est = Estimator(bundle, EstimatorConfig(precision=precision, decoding=decoding,
                                                         backend=cfg.backend, verify=False))
                 name = variant_name(bundle, precision, decoding, len(cfg.bundles) > 1)
-                timing = _time(est, persons, cfg, cfg.persons)
                 entry = {"name": name, "backend": cfg.backend, "precision": precision, "decoding": decoding,
-                         **timing, "persons_per_s": _throughput(est, persons, cfg),
-                         "peak_rss_mb": round(_peak_rss_mb(), 1),
                          "bundle": str(bundle), "bundle_sha256": sha256_file(Path(bundle) / "manifest.json"),
-                         "bundle_bytes": _bundle_bytes(Path(bundle), est.manifest.variant(precision))}
+                         "bundle_bytes": _bundle_bytes(Path(bundle), est.manifest.variant(precision)),
+                         "graphs": _graphs(est.manifest.variant(precision), cfg.backend)}
+                if cfg.interleave:
+                    pending.append((entry, est))
+                    continue
+                entry.update(_time(est, persons, cfg, cfg.persons), persons_per_s=_throughput(est, persons, cfg),
+                             peak_rss_mb=round(_peak_rss_mb(), 1))
                 results.append(entry)
                 log(f"{name}: {entry['ms_per_person']['p50']:.1f} ms/person p50")
+    if pending:
+        timings = _time_interleaved([est for _, est in pending], persons, cfg, cfg.persons)
+        for (entry, est), timing in zip(pending, timings):
+            # one process holds every variant: its peak RSS is shared, not per variant
+            entry.update(timing, persons_per_s=_throughput(est, persons, cfg), peak_rss_mb=round(_peak_rss_mb(), 1),
+                         interleaved=True)
+            results.append(entry)
+            log(f"{entry['name']}: {entry['ms_per_person']['p50']:.1f} ms/person p50 (interleaved)")
     ref = next((r for r in results if r["name"] == "reference"), None)
     for r in results:
         if ref is not None:
@@ -191,16 +211,36 @@ def _attach_accuracy(results: list[dict], eval_report: Path | None) -> None:
             r["delta_AP"] = round(r["AP"] - rep["reference"]["AP"], 3)
 
 
+def _graphs(variant, backend: str) -> dict[str, str]:
+    """The graph files this backend runs for the variant (weight-only and int8 variants have a TensorRT form)."""
+    form = variant.form(backend)
+    return {"vision": form.vision.file, "decoder": form.decoder.file}
+
+
+NOTES = {  # what the quantized variants run, per backend family
+    "tensorrt": "int8 / int4 on TensorRT run their `tensorrt` graph form: fp16 activations with int8 (per channel) "
+                "or int4 (blocked) weights as Q/DQ, derived from the fp16 graphs, so no layer falls back to FP32 "
+                "under strong typing; every decode pass streams all decoder weights, so they are meant to beat fp16 "
+                "there. int8wo's blocked-int8 Q/DQ is outside TensorRT's documented support (`build` refuses it).",
+    "onnxruntime": "On onnxruntime (CPU/CUDA EPs) int4 / int8wo run MatMulNBits with fp32 activations (weights "
+                   "unpacked per block inside the kernel); int8 runs the fp32 Q/DQ graphs (DequantizeLinear "
+                   "re-expands every weight per call).",
+}
+
+
 def markdown_table(results: list[dict]) -> str:
-    lines = ["| variant | backend | ms/person p50 | p90 | p99 | speed-up | persons/s (max batch) | peak RSS MB | AP "
-             "| ΔAP |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| variant | backend | ms/person p50 | p90 | p99 | decode ms p50 | speed-up | persons/s (max batch) "
+             "| peak RSS MB | AP | ΔAP |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         ms = r["ms_per_person"]
         pps = max(r["persons_per_s"].values())
+        decode = r.get("stages_ms", {}).get("decode", {}).get("p50")
         lines.append(f"| {r['name']} | {r['backend']} | {ms['p50']:.1f} | {ms['p90']:.1f} | {ms['p99']:.1f} | "
-                     f"{r.get('speedup_vs_reference', '')}× | {pps:.2f} | {r['peak_rss_mb']:.0f} | "
-                     f"{r.get('AP', '')} | {r.get('delta_AP', '')} |")
-    return "\n".join(lines)
+                     f"{'' if decode is None else f'{decode:.1f}'} | {r.get('speedup_vs_reference', '')}× | "
+                     f"{pps:.2f} | {r['peak_rss_mb']:.0f} | {r.get('AP', '')} | {r.get('delta_AP', '')} |")
+    quantized = {r["backend"] for r in results if r.get("precision") in ("int8", "int8wo", "int4")}
+    notes = sorted({NOTES["tensorrt" if b in TENSORRT_BACKENDS else "onnxruntime"] for b in quantized})
+    return "\n".join(lines + ([""] + [f"Note: {n}" for n in notes] if notes else []))
 
 
 def plot(results: list[dict], out: Path) -> None:

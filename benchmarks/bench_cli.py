@@ -24,6 +24,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval", type=Path, help="an eval REPORT.json: adds AP to the table and the plot")
     p.add_argument("--out", type=Path)
     p.add_argument("--plot", type=Path)
+    p.add_argument("--interleave", action="store_true",
+                   help="time the variants in turn on each person (fair ratios on a shared machine; peak RSS is then "
+                        "the whole process's)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -41,6 +44,6 @@ def run(args: argparse.Namespace) -> int:
             decodings=tuple(args.decoding) if args.decoding else ("template", "free"), persons=args.persons,
             reference_persons=args.reference_persons,
             batch_sizes=tuple(int(b) for b in args.batch_sizes.split(",")), eval_report=args.eval,
-            out=args.out, plot=args.plot))
+            out=args.out, plot=args.plot, interleave=args.interleave))
     print(report["markdown"])
     return 0

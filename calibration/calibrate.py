@@ -23,11 +23,12 @@ from runtime.backends.base import Stopwatch
 from runtime.backends.onnxruntime import OrtRunner
 from runtime.decoding import Decoder
 from runtime.errors import InputError
-from runtime.manifest import GraphSpec, Manifest, Variant, load_manifest, sha256_file, write_manifest
+from runtime.manifest import (SCHEMA_VERSION, GraphForm, GraphSpec, Manifest, Variant, load_manifest, sha256_file,
+                              write_manifest)
 from runtime.preprocess import CropSpec
 
 from .data import PersonCrops, RecordingRunner, VisionReader, load_person_crops
-from .qdq import qdq_scales, quantize_decoder_weights, quantize_vision
+from .qdq import qdq_scales, quantize_decoder_weights, quantize_vision, vision_to_fp16
 
 METHODS = ("entropy", "percentile", "minmax")
 DECODER_DTYPES = ("fp32", "fp16")
@@ -108,9 +109,10 @@ def calibrate_bundle(cfg: CalibrationConfig, log: Callable[[str], None] = print)
             f"{cfg.decoder_dtype} activations) in {time.perf_counter() - t1:.1f}s")
         vision_spec = _int8_spec(fp32.vision, tmp / "vision.onnx")
         decoder_spec = _int8_spec(source.decoder, tmp / "decoder.onnx")
+        trt_form = _tensorrt_form(manifest, bundle, tmp, cfg, vision_spec, decoder_spec, log)
         persons = min(cfg.eval_persons, fp32.vision.dynamic_ranges.get("batch", (1, cfg.eval_persons))[1])
         evaluation, decoder_data = _evaluate(manifest, bundle, fp32, crops.pixel_values[:persons],
-                                             tmp, vision_spec, decoder_spec, source.embedding, cfg.threads)
+                                             tmp, vision_spec, decoder_spec, source.embedding, cfg.threads, trt_form)
         for line in _format_evaluation(evaluation):
             log(line)
         artifact = _artifact(cfg, crops, calibration_seconds, tmp, decoder_summary, decoder_data, evaluation)
@@ -119,7 +121,8 @@ def calibrate_bundle(cfg: CalibrationConfig, log: Callable[[str], None] = print)
             precision=PRECISION, vision=vision_spec, decoder=decoder_spec, embedding=source.embedding,
             calibration={"artifact": ARTIFACT, "sha256": sha256_file(tmp / "calibration.json"),
                          "method": cfg.method, "samples": n, "data_sha256": artifact["data"]["sha256"],
-                         "vision": artifact["vision"]["scheme"], "decoder": artifact["decoder"]["scheme"]})
+                         "vision": artifact["vision"]["scheme"], "decoder": artifact["decoder"]["scheme"]},
+            tensorrt=trt_form)
         manifest = _publish(bundle, manifest, tmp, variant)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -138,10 +141,11 @@ def calibrate_bundle(cfg: CalibrationConfig, log: Callable[[str], None] = print)
 
 
 # ---------------------------------------------------------------------------------------------------- helpers
-def _int8_spec(spec: GraphSpec, path: Path) -> GraphSpec:
+def _int8_spec(spec: GraphSpec, path: Path, precision: str = PRECISION) -> GraphSpec:
+    """`spec` (inputs, outputs, ranges) for the graph written at `path`, to be published as `precision/<name>`."""
     ext = path.name + ".data"
-    return dataclasses.replace(spec, file=f"{PRECISION}/{path.name}",
-                               external_data=(f"{PRECISION}/{ext}",) if (path.parent / ext).exists() else ())
+    return dataclasses.replace(spec, file=f"{precision}/{path.name}",
+                               external_data=(f"{precision}/{ext}",) if (path.parent / ext).exists() else ())
 
 
 def _diff(got: np.ndarray, ref: np.ndarray) -> dict[str, float]:
@@ -151,9 +155,28 @@ def _diff(got: np.ndarray, ref: np.ndarray) -> dict[str, float]:
             "rms_rel": float(np.sqrt((d ** 2).mean() / max((ref ** 2).mean(), 1e-30)))}
 
 
+def _tensorrt_form(manifest: Manifest, bundle: Path, tmp: Path, cfg: CalibrationConfig, vision_spec: GraphSpec,
+                   decoder_spec: GraphSpec, log: Callable[[str], None]) -> GraphForm | None:
+    """The graphs TensorRT builds (issue: int8 engines must not run their float layers in FP32): W8A8 vision with
+    fp16 activations and the weight-only int8 decoder quantized from the fp16 decoder. Needs the fp16 variant."""
+    fp16 = manifest.variants.get("fp16")
+    if fp16 is None:
+        log("no fp16 variant: the int8 variant has no fp16-activation TensorRT form (export with --precision fp16)")
+        return None
+    t0 = time.perf_counter()
+    vision_to_fp16(tmp / "vision.onnx", tmp / "vision_fp16.onnx")
+    if cfg.decoder_dtype == "fp16":
+        decoder = decoder_spec
+    else:
+        quantize_decoder_weights(bundle / fp16.decoder.file, tmp / "decoder_fp16.onnx")
+        decoder = _int8_spec(fp16.decoder, tmp / "decoder_fp16.onnx")
+    log(f"TensorRT form (fp16 activations, int8 Q/DQ) written in {time.perf_counter() - t0:.1f}s")
+    return GraphForm(_int8_spec(vision_spec, tmp / "vision_fp16.onnx"), decoder, fp16.embedding)
+
+
 def _evaluate(manifest: Manifest, bundle: Path, fp32: Variant, pixel_values: np.ndarray, tmp: Path,
               vision_spec: GraphSpec, decoder_spec: GraphSpec, embedding: str, threads: int | None,
-              ) -> tuple[dict[str, Any], RecordingRunner | None]:
+              trt_form: GraphForm | None = None) -> tuple[dict[str, Any], RecordingRunner | None]:
     """int8 vs fp32 on the first crops, driven like the runtime: vision, then prefix + keypoint-suffix prefill.
 
     The fp32 decoder's inputs are recorded: they are the decoder data this calibration is documented with (the
@@ -180,7 +203,15 @@ def _evaluate(manifest: Manifest, bundle: Path, fp32: Variant, pixel_values: np.
     dec_only = prefill(d8, e32, table)
     both = prefill(d8, e8, table)
     last = ref[:, -1].argmax(-1)
-    return {
+    extra = {}
+    if trt_form is not None:  # the TensorRT form, run here on onnxruntime CPU
+        v16 = OrtRunner(tmp / Path(trt_form.vision.file).name, trt_form.vision, threads=threads)
+        e16 = np.asarray(v16({"pixel_values": pixel_values})["image_embeds"])
+        d16 = OrtRunner(tmp / Path(trt_form.decoder.file).name, trt_form.decoder, threads=threads)
+        t16 = prefill(d16, e16, np.load(bundle / trt_form.embedding, mmap_mode="r")).astype(np.float32)
+        extra["tensorrt_form"] = {"image_embeds": _diff(e16, e32), "logits": _diff(t16, ref),
+                                  "next_token_agreement": float((t16[:, -1].argmax(-1) == last).mean())}
+    return {**extra,
         "persons": int(len(pixel_values)),
         "image_embeds": _diff(e8, e32),
         "logits_decoder_int8": _diff(dec_only, ref),  # fp32 image embeds → int8 decoder
@@ -199,6 +230,11 @@ def _format_evaluation(ev: dict[str, Any]) -> list[str]:
         out.append(f"  {key:<20} max|diff| {d['max_abs']:.3e} (ref max {d['ref_max_abs']:.3e}), "
                    f"rms rel {d['rms_rel']:.3e}")
     out.append(f"  next-token agreement {ev['next_token_agreement']:.3f}")
+    trt = ev.get("tensorrt_form")
+    if trt:
+        out.append(f"  TensorRT form (fp16 activations): image_embeds rms rel {trt['image_embeds']['rms_rel']:.3e}, "
+                   f"logits rms rel {trt['logits']['rms_rel']:.3e}, next-token agreement "
+                   f"{trt['next_token_agreement']:.3f}")
     return out
 
 
@@ -246,22 +282,24 @@ def _artifact(cfg: CalibrationConfig, crops: PersonCrops, calibration_seconds: f
 
 
 def _publish(bundle: Path, manifest: Manifest, tmp: Path, variant: Variant) -> Manifest:
-    """Consistent at every step: drop any old int8 from the manifest, swap the folder in, then list it."""
-    prefix = PRECISION + "/"
+    """Consistent at every step: drop any old variant of this precision from the manifest, swap the folder in,
+    then list it."""
+    precision = variant.precision
+    prefix = precision + "/"
     files = {k: v for k, v in manifest.files.items() if not k.startswith(prefix)}
-    variants = {k: v for k, v in manifest.variants.items() if k != PRECISION}
+    variants = {k: v for k, v in manifest.variants.items() if k != precision}
     old = None
-    final = bundle / PRECISION
-    if PRECISION in manifest.variants or final.exists():
+    final = bundle / precision
+    if precision in manifest.variants or final.exists():
         write_manifest(bundle, dataclasses.replace(manifest, variants=variants, files=files))
-        old = bundle / f".{PRECISION}.old-{os.getpid()}"
+        old = bundle / f".{precision}.old-{os.getpid()}"
         if final.exists():
             os.replace(final, old)
     os.replace(tmp, final)
     for p in sorted(final.rglob("*")):
         if p.is_file():
             files[str(p.relative_to(bundle))] = sha256_file(p)
-    updated = dataclasses.replace(manifest, variants={**variants, PRECISION: variant},
+    updated = dataclasses.replace(manifest, schema_version=SCHEMA_VERSION, variants={**variants, precision: variant},
                                   files=dict(sorted(files.items())))
     write_manifest(bundle, updated)
     if old is not None:
@@ -282,6 +320,8 @@ def weight_bytes(bundle: Path, spec: GraphSpec) -> int:
     for t in model.graph.initializer:
         if external_data_helper.uses_external_data(t):
             total += int({e.key: e.value for e in t.external_data}["length"])
+        elif t.HasField("raw_data"):  # as stored: int4 packs two values per byte
+            total += len(t.raw_data)
         else:
             total += numpy_helper.to_array(t).nbytes
     return total

@@ -83,6 +83,28 @@ def quantize_vision(src: Path, dst: Path, reader, method: str, percentile: float
         raise QuantizationError(f"{dst}: the quantized vision graph is not fully W8A8: {problems[:5]}")
 
 
+def vision_to_fp16(src: Path, dst: Path) -> None:
+    """The W8A8 vision graph with fp16 activations (and fp16 Q/DQ scales) for TensorRT: strongly typed, the
+    calibrated fp32 graph would run every non-quantized layer (norms, softmax, GELU) in FP32, slower than the fp16
+    engine. onnxruntime's float16 converter keeps LayerNormalization (and its default-blocked ops) in fp32, like the
+    exporter's fp16 vision graph; fp16 Q/DQ scales need opset 19."""
+    from onnx import version_converter
+    from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
+    from onnxruntime.transformers.onnx_model import OnnxModel
+
+    model = onnx.load(str(src))
+    if _opset(model) < DQ_FP16_OPSET:
+        model = version_converter.convert_version(model, DQ_FP16_OPSET)
+    blocked = [op for op in DEFAULT_OP_BLOCK_LIST if op not in ("QuantizeLinear", "DequantizeLinear")]
+    model = convert_float_to_float16(model, keep_io_types=True, op_block_list=[*blocked, "LayerNormalization"])
+    OnnxModel(model).topological_sort()  # the converter appends its input casts at the end of the node list
+    problems = check_vision_qdq(model)
+    if problems:
+        raise QuantizationError(f"{dst}: the fp16 vision graph lost its W8A8 structure: {problems[:5]}")
+    save_graph(model, Path(dst))
+    onnx.checker.check_model(str(dst))
+
+
 # ------------------------------------------------------------------------------------------ decoder weights
 def symmetric_per_channel(w: np.ndarray, axis: int, scale_dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
     """int8 values and scales (in `scale_dtype`) with q = round(w / scale), scale = max|w| / 127 per channel."""
@@ -145,13 +167,7 @@ def quantize_decoder_weights(src: Path, dst: Path) -> dict[str, Any]:
             removed.add(name)
         del w
     kept = [t for t in graph.initializer if t.name not in removed]
-    for t in kept:  # the remaining (small) float tensors move into the new file
-        if external_data_helper.uses_external_data(t):
-            external_data_helper.load_external_data_for_tensor(t, base)
-            t.data_location = TensorProto.DEFAULT
-            del t.external_data[:]
-    del graph.initializer[:]
-    graph.initializer.extend(kept + new_inits)
+    set_initializers(graph, kept, new_inits, base)
     nodes = list(graph.node)
     del graph.node[:]
     graph.node.extend(dq_nodes + nodes)  # DQ nodes read initializers only: first is topologically valid
@@ -161,6 +177,18 @@ def quantize_decoder_weights(src: Path, dst: Path) -> dict[str, Any]:
     onnx.checker.check_model(str(dst))  # by path: also valid for graphs with external data
     return {"weights": len(weights), "parameters": int(params), "scale_dtype": "float16" if fp16 else "float32",
             "axis": 1, "kept_float_initializers": len(kept)}
+
+
+def set_initializers(graph: onnx.GraphProto, kept: list[TensorProto], new: list[TensorProto], base: str) -> None:
+    """The graph's initializers become `kept` + `new`; kept tensors stored as external data are read in, so the
+    remaining (small) float tensors move into the new file."""
+    for t in kept:
+        if external_data_helper.uses_external_data(t):
+            external_data_helper.load_external_data_for_tensor(t, base)
+            t.data_location = TensorProto.DEFAULT
+            del t.external_data[:]
+    del graph.initializer[:]
+    graph.initializer.extend(kept + new)
 
 
 def _opset(model: onnx.ModelProto) -> int:

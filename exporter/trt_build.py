@@ -28,7 +28,7 @@ from runtime.errors import BundleError, InputError, PoseLLMEdgeError
 from runtime.manifest import EngineSpec, GraphSpec, Manifest, Variant, load_manifest, sha256_file, write_manifest
 from runtime.profiles import engine_profiles
 
-PRECISIONS = ("fp32", "fp16", "int8")
+PRECISIONS = ("fp32", "fp16", "int8", "int4", "int8wo")
 GRAPHS = ("vision", "decoder")
 MIN_TENSORRT = 10
 
@@ -103,7 +103,7 @@ def write_trtexec_script(bundle: Path, precision: str, variant: Variant, profile
     ]
     cache = str(Path(timing_cache).resolve()) if timing_cache is not None else None  # the script cd's
     for graph in GRAPHS:
-        spec: GraphSpec = getattr(variant, graph)
+        spec: GraphSpec = getattr(variant.form("tensorrt"), graph)
         cmd = trtexec_command(spec.file, engine_file(precision, graph), profiles[graph], workspace_gb, cache)
         lines.append('"$TRTEXEC" ' + " \\\n    ".join(shlex.quote(c) for c in cmd[1:]))
     text = "\n".join(lines) + "\n"
@@ -195,6 +195,20 @@ def build_engine(onnx_path: Path, engine_path: Path, profiles: tuple[dict[str, A
     return trt.__version__
 
 
+def check_weight_dq(bundle: Path, variant: Variant) -> None:
+    """Refuse, before any build, weight Q/DQ TensorRT would not import as weight-only quantization (e.g. int8wo's
+    blocked int8)."""
+    import onnx
+
+    from .trt_ops import weight_dq_problems
+    for graph in GRAPHS:
+        file = getattr(variant.form("tensorrt"), graph).file
+        problems = weight_dq_problems(onnx.load(str(bundle / file), load_external_data=False))
+        if problems:
+            raise BundleError(f"{file}: TensorRT cannot build these weight DequantizeLinear nodes: {problems[:3]}; "
+                              "use the int8 or int4 variant for TensorRT")
+
+
 # ------------------------------------------------------------------------------------------------- the command
 def build_engines(cfg: BuildConfig, log: Callable[[str], None] = print) -> BuildResult:
     bundle = Path(cfg.bundle)
@@ -204,6 +218,7 @@ def build_engines(cfg: BuildConfig, log: Callable[[str], None] = print) -> Build
                 else f"re-export with --precision {cfg.precision}")
         raise BundleError(f"{bundle} has no {cfg.precision} variant; {hint}")
     variant = manifest.variants[cfg.precision]
+    check_weight_dq(bundle, variant)
     max_persons = cfg.max_persons or manifest.max_persons
     profiles = engine_profiles(manifest, variant, max_persons)
     script = write_trtexec_script(bundle, cfg.precision, variant, profiles, cfg.workspace_gb, cfg.timing_cache)
@@ -226,8 +241,8 @@ def build_engines(cfg: BuildConfig, log: Callable[[str], None] = print) -> Build
             t0 = time.perf_counter()
             staged = final.with_name(final.name + ".new")
             built[graph] = staged
-            build_engine(bundle / getattr(variant, graph).file, staged, profiles[graph], cfg.workspace_gb,
-                         cfg.timing_cache, log)
+            source = getattr(variant.form("tensorrt"), graph).file  # weight-only: the Q/DQ form
+            build_engine(bundle / source, staged, profiles[graph], cfg.workspace_gb, cfg.timing_cache, log)
             seconds[graph] = time.perf_counter() - t0
             log(f"built {final.relative_to(bundle)} (TensorRT {trt.__version__}, strongly typed, "
                 f"{len(profiles[graph])} profile(s)) in {seconds[graph]:.1f}s")

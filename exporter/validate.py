@@ -107,6 +107,7 @@ def validate_variant(ref: PrecisionReference, vision_path: Path, decoder_path: P
                      digit_ids: tuple[int, ...]) -> list[Check]:
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
+    opts.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")  # weight-only, as OrtRunner
     providers = ["CPUExecutionProvider"]
     vision = ort.InferenceSession(str(vision_path), opts, providers=providers)
     decoder = ort.InferenceSession(str(decoder_path), opts, providers=providers)

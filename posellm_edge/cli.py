@@ -14,6 +14,7 @@ import traceback
 COMMANDS = {
     "export": ("exporter.cli", "merge LoRA and export a checkpoint to an ONNX bundle"),
     "calibrate": ("calibration.cli", "INT8 calibration: write the int8 (Q/DQ) variant into a bundle"),
+    "quantize": ("calibration.quantize_cli", "weight-only INT4/INT8 decoder (GPTQ or RTN): add int4 / int8wo"),
     "build": ("exporter.trt_cli", "build TensorRT engines from a bundle's ONNX graphs"),
     "run": ("runtime.cli", "estimate keypoints on an image or a COCO file with a bundle"),
     "eval": ("benchmarks.eval_cli", "COCO AP of the PyTorch reference and every bundle variant"),

@@ -54,17 +54,18 @@ class Estimator:
             raise InputError("this bundle's tokenizer does not split the answer one character per token; "
                              "template decoding is unavailable — use decoding='free'")
         engines = {e.graph: e for e in variant.engines}
+        form = variant.form(cfg.backend)  # weight-only int4/int8: MatMulNBits on onnxruntime, Q/DQ for TensorRT
         trt_ep = self._trt_ep_settings(variant) if cfg.backend == "onnxruntime-trt" else {}
-        self.vision = open_runner(cfg.backend, self.bundle, variant.vision, engines.get("vision"), cfg.threads,
+        self.vision = open_runner(cfg.backend, self.bundle, form.vision, engines.get("vision"), cfg.threads,
                                   trt_ep.get("vision"))
-        runner = open_runner(cfg.backend, self.bundle, variant.decoder, engines.get("decoder"), cfg.threads,
+        runner = open_runner(cfg.backend, self.bundle, form.decoder, engines.get("decoder"), cfg.threads,
                              trt_ep.get("decoder"))
         self.tokenizer = PromptTokenizer(Tokenizer.from_file(str(self.bundle / m.tokenizer)))
-        table = np.load(self.bundle / variant.embedding, mmap_mode="r")
+        table = np.load(self.bundle / form.embedding, mmap_mode="r")
         self.decoder = Decoder(m, runner, table, self.tokenizer.decode)
         self.crop_spec = CropSpec(crop_size=m.preprocess.crop_size, mean=tuple(m.preprocess.mean),
                                   std=tuple(m.preprocess.std))
-        batch_hi = variant.decoder.dynamic_ranges.get("batch", (1, None))[1]
+        batch_hi = form.decoder.dynamic_ranges.get("batch", (1, None))[1]
         # A TensorRT engine built with `build --max-persons N` accepts less than the graphs were exported for.
         engine_rows = runner.input_limit("inputs_embeds", 0)
         engine_persons = [n for n in (self.vision.input_limit("pixel_values", 0),

@@ -19,7 +19,8 @@ from .onnx_external import external_data_locations
 from .paths import inside
 
 # 2: the decoder takes the shared prefix K/V as its own inputs (prefix_key_values.*)
-# 3: its attention_mask covers prefix + past + new tokens; the prefix prefill passes a masked one-token dummy prefix
+# 3: its attention_mask covers prefix + past + new tokens; the prefix prefill passes a masked one-token dummy
+#    prefix; a variant may carry a second graph form for TensorRT (`tensorrt`)
 SCHEMA_VERSION = 3
 SUPPORTED_SCHEMA_VERSIONS = (3,)
 MANIFEST_NAME = "manifest.json"
@@ -50,13 +51,34 @@ class EngineSpec:
 
 
 @dataclass(frozen=True)
+class GraphForm:
+    """The same weights written as other graphs, for backends that need another form."""
+
+    vision: GraphSpec
+    decoder: GraphSpec
+    embedding: str
+
+
+TENSORRT_BACKENDS = ("tensorrt", "onnxruntime-trt")
+
+
+@dataclass(frozen=True)
 class Variant:
-    precision: str  # fp32 | fp16 | int8
+    precision: str  # fp32 | fp16 | int8 | int4 | int8wo (weight-only)
     vision: GraphSpec
     decoder: GraphSpec
     embedding: str  # .npy file of the LLM token embedding table, memory-mapped by the runtime
     calibration: dict[str, Any] | None = None  # int8 only: artifact file, method, samples, data hash, sha256
     engines: tuple[EngineSpec, ...] = ()
+    # int4/int8wo: the decoder above is onnxruntime's MatMulNBits form; TensorRT gets the ONNX-standard blocked
+    # DequantizeLinear form of the same quantized weights (with fp16 activations) from here
+    tensorrt: GraphForm | None = None
+
+    def form(self, backend: str) -> GraphForm:
+        """The graphs a backend runs: the TensorRT form where there is one, else the variant's own graphs."""
+        if backend in TENSORRT_BACKENDS and self.tensorrt is not None:
+            return self.tensorrt
+        return GraphForm(self.vision, self.decoder, self.embedding)
 
 
 @dataclass(frozen=True)

@@ -32,8 +32,9 @@ def engine_profiles(manifest: Manifest, variant: Variant, max_persons: int) -> d
     decode = {"batch": (1, keypoints, rows), "persons": (1, 1, max_persons), "prefix": (prefix, prefix, prefix),
               "seq": (1, 1, DECODE_MAX_SEQ), "past": (1, decode_past_opt, ctx),
               "total": (prefix + 2, prefix + decode_past_opt + 1, prefix + ctx + DECODE_MAX_SEQ)}
-    out = {"vision": (_materialize(variant.vision, vision),),
-           "decoder": (_materialize(variant.decoder, prefill), _materialize(variant.decoder, decode))}
+    form = variant.form("tensorrt")  # weight-only variants: the Q/DQ graphs, not onnxruntime's MatMulNBits
+    out = {"vision": (_materialize(form.vision, vision),),
+           "decoder": (_materialize(form.decoder, prefill), _materialize(form.decoder, decode))}
     return out
 
 

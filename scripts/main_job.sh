@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The main job on the shipped small model: export → run (with a drawing) → calibrate int8 → eval → bench.
+# The main job on the shipped small model: export → calibrate int8 → quantize int4/int8wo → run (with a drawing)
+# → eval → bench.
 # Creates .venv on first use; everything lands in $OUT (default: out/).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -27,6 +28,10 @@ echo "== export (fp32 + fp16, validated against PyTorch)"
 echo "== calibrate int8 (vision W8A8, decoder weight-only int8)"
 "$CLI" calibrate "$OUT/bundle" --coco "$ANN" --images "$IMAGES" --samples 32
 
+echo "== quantize the decoder weight-only: int4 and int8 (GPTQ on person crops, block 64; MatMulNBits + Q/DQ forms)"
+"$CLI" quantize "$OUT/bundle" --bits 4 --coco "$ANN" --images "$IMAGES" --samples 16 --checkpoint "$CKPT"
+"$CLI" quantize "$OUT/bundle" --bits 8 --coco "$ANN" --images "$IMAGES" --samples 16 --checkpoint "$CKPT"
+
 echo "== run on one image, with a drawing"
 read -r IMG BOX < <("$PY" - "$ANN" <<'PY'
 import json, sys
@@ -38,7 +43,7 @@ PY
 )
 "$CLI" run "$OUT/bundle" --image "$IMAGES/$IMG" --box "$BOX" --draw "$OUT/sample.png" --json "$OUT/sample.json"
 
-echo "== eval: reference vs every variant (fp32, fp16, int8 × free, template)"
+echo "== eval: reference vs every variant (fp32, fp16, int8, int4, int8wo × free, template)"
 "$CLI" eval --checkpoint "$CKPT" --bundle "$OUT/bundle" --coco "$ANN" --images "$IMAGES" --out "$OUT/eval.json"
 
 echo "== bench: latency / throughput / memory, reference baseline in the same run"

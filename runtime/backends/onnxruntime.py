@@ -92,6 +92,10 @@ class OrtRunner(GraphRunner):
         # runtime's numpy work in between they steal the cores from each other and from the main thread. Measured
         # on 2 cores (256-image-token model, template decoding): 161 → 102 ms/person with spinning off.
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        # Blocked weight-only DequantizeLinear → MatMul is fused into MatMulNBits by the CPU optimizer, by default
+        # with int8-quantized activations (accuracy level 4: 0.19 max error on a unit test's 128-wide int4 MatMul);
+        # level 0 keeps it weight-only, matching the MatMulNBits form and the PyTorch validation.
+        opts.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
         if provider == "tensorrt":
             if trt_ep is None:
                 raise BundleError(f"{path}: the TensorRT EP needs the bundle's profiles and precision (TrtEpSettings)")

@@ -1,0 +1,147 @@
+"""Block-wise symmetric weight-only quantization of one [K, N] MatMul weight (K = input features), in numpy.
+
+One quantized weight set — signed ints q [K, N] and fp16 scales [ceil(K / block), N] with w ≈ q * scale — from
+which both graph forms are written (weight_only.py): ONNX `DequantizeLinear` (opset 21, `block_size`) and onnxruntime's
+`MatMulNBits`. Scales are rounded to fp16 *before* rounding the weights, so the fp16 and fp32 graphs dequantize to
+the same values. Two methods: round-to-nearest, and GPTQ (Frantar et al. 2022), which rounds input rows one at a
+time and spreads each row's error over the rows not yet rounded, weighted by the calibration activations' second
+moment H = Σ xᵀx.
+
+`MatMulNBits` storage (onnxruntime docs/ContribOperators.md, com.microsoft.MatMulNBits): B is uint8
+[N, ceil(K / block), block * bits / 8]; each column's block holds q + 2^(bits-1) (the op's default zero point when
+none is given), for 4 bits two per byte, the even element of a pair in the low nibble.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from runtime.errors import InputError
+
+BITS = (4, 8)
+BLOCK_SIZES = (32, 64, 128)
+_FP16_TINY = np.float16(np.finfo(np.float16).tiny)
+
+
+@dataclass(frozen=True, eq=False)
+class BlockQuantized:
+    q: np.ndarray  # int8 [K, N], values in [-2^(bits-1), 2^(bits-1) - 1]
+    scales: np.ndarray  # float16 [ceil(K / block_size), N]; a last, partial block has its own scale
+    bits: int
+    block_size: int
+
+    def dequantize(self, dtype: np.dtype = np.float32) -> np.ndarray:
+        return (self.q.astype(np.float32) * per_row(self.scales, self.block_size, len(self.q))).astype(dtype)
+
+
+def per_row(scales: np.ndarray, block_size: int, k: int) -> np.ndarray:
+    """[ceil(K / block), N] block scales → [K, N] float32, one row per input feature."""
+    return np.repeat(scales.astype(np.float32), block_size, axis=0)[:k]
+
+
+def _blocks(k: int, block_size: int) -> int:
+    return -(-k // block_size)
+
+
+def check_shape(shape: tuple[int, ...], bits: int, block_size: int, name: str = "weight") -> None:
+    if bits not in BITS:
+        raise InputError(f"bits={bits}: expected one of {list(BITS)}")
+    if block_size not in BLOCK_SIZES:
+        raise InputError(f"block_size={block_size}: expected one of {list(BLOCK_SIZES)}")
+    if len(shape) != 2 or min(shape) < 1:
+        raise InputError(f"{name}: shape {list(shape)} is not a non-empty 2-D [in, out] matrix")
+
+
+def block_scales(w: np.ndarray, bits: int, block_size: int) -> np.ndarray:
+    """fp16 scale per (block of input rows, output column): max|w| / (2^(bits-1) - 1), never 0. A partial last
+    block (K not a multiple of block_size) is padded with zeros, as both graph forms define it."""
+    k, n = w.shape
+    padded = np.zeros((_blocks(k, block_size) * block_size, n), np.float32)
+    padded[:k] = w
+    absmax = np.abs(padded.reshape(-1, block_size, n)).max(axis=1)
+    return np.maximum((absmax / (2 ** (bits - 1) - 1)).astype(np.float16), _FP16_TINY)
+
+
+def _round(w: np.ndarray, scale: np.ndarray, bits: int) -> np.ndarray:
+    lo, hi = -2 ** (bits - 1), 2 ** (bits - 1) - 1
+    return np.clip(np.rint(w / scale.astype(np.float32)), lo, hi).astype(np.int8)
+
+
+def quantize_rtn(w: np.ndarray, bits: int, block_size: int, name: str = "weight") -> BlockQuantized:
+    check_shape(w.shape, bits, block_size, name)
+    w32 = np.asarray(w, dtype=np.float32)
+    scales = block_scales(w32, bits, block_size)
+    return BlockQuantized(_round(w32, per_row(scales, block_size, len(w32)), bits), scales, bits, block_size)
+
+
+def quantize_gptq(w: np.ndarray, hessian: np.ndarray, bits: int, block_size: int, damp: float = 0.01,
+                  name: str = "weight") -> BlockQuantized:
+    """GPTQ in activation order with static groups: each block's scale is fixed up front (as RTN would pick it),
+    then input rows are rounded from the most to the least active one (descending diag H), each row's error
+    spread over the rows not yet rounded — the GPTQ reference's `act_order` + `static_groups`, which keeps the
+    contiguous blocks both graph forms need.
+
+    `hessian` is Σ xᵀx [K, K] over the calibration tokens that reach this weight; `damp` × mean(diag) is added
+    for numerical stability (the paper's 1%). Input features never seen (zero diagonal) are zeroed, as in GPTQ.
+    """
+    check_shape(w.shape, bits, block_size, name)
+    k, n = w.shape
+    if hessian.shape != (k, k):
+        raise InputError(f"{name}: hessian {list(hessian.shape)} does not match {k} input features")
+    W = np.array(w, dtype=np.float64)
+    H = np.array(hessian, dtype=np.float64)
+    dead = np.diag(H) == 0
+    H[dead, dead] = 1.0
+    W[dead, :] = 0.0
+    scales = block_scales(W, bits, block_size)
+    row_scale = per_row(scales, block_size, k).astype(np.float64)
+    perm = np.argsort(-np.diag(H), kind="stable")
+    W, H, row_scale = W[perm], H[perm][:, perm], row_scale[perm]
+    H[np.diag_indices(k)] += damp * np.mean(np.diag(H))
+    # Upper Cholesky factor of H⁻¹: row i holds the weights that spread row i's rounding error over rows > i.
+    U = np.linalg.cholesky(np.linalg.inv(H)).T
+    q = np.zeros((k, n), np.int8)
+    lo, hi = -2 ** (bits - 1), 2 ** (bits - 1) - 1
+    for b0 in range(0, k, block_size):  # lazy batches of rows (in activation order)
+        b1 = min(b0 + block_size, k)
+        err = np.zeros((b1 - b0, n))
+        for i in range(b0, b1):
+            q[i] = np.clip(np.rint(W[i] / row_scale[i]), lo, hi)
+            e = (W[i] - q[i] * row_scale[i]) / U[i, i]
+            W[i + 1:b1] -= np.outer(U[i, i + 1:b1], e)
+            err[i - b0] = e
+        W[b1:] -= U[b0:b1, b1:].T @ err
+    out = np.empty_like(q)
+    out[perm] = q
+    return BlockQuantized(out, scales, bits, block_size)
+
+
+# ------------------------------------------------------------------------------------------- MatMulNBits packing
+def pack_matmul_nbits(bq: BlockQuantized) -> np.ndarray:
+    """uint8 [N, ceil(K / block), block * bits / 8] as MatMulNBits reads it (see the module docstring); a partial
+    last block is padded with the zero point (value 0)."""
+    k, n = bq.q.shape
+    blocks = _blocks(k, bq.block_size)
+    u = np.full((n, blocks * bq.block_size), 2 ** (bq.bits - 1), np.uint8)
+    u[:, :k] = (bq.q.astype(np.int16) + 2 ** (bq.bits - 1)).astype(np.uint8).T  # offset by the zero point
+    u = u.reshape(n, blocks, bq.block_size)
+    if bq.bits == 8:
+        return np.ascontiguousarray(u)
+    return np.ascontiguousarray(u[..., 0::2] | (u[..., 1::2] << 4))
+
+
+def unpack_matmul_nbits(packed: np.ndarray, bits: int, k: int, n: int, block_size: int) -> np.ndarray:
+    """Inverse of pack_matmul_nbits: signed int8 [K, N]."""
+    blocks = _blocks(k, block_size)
+    expected = (n, blocks, block_size * bits // 8)
+    if packed.shape != expected or packed.dtype != np.uint8:
+        raise InputError(f"packed MatMulNBits weight is {packed.dtype}{list(packed.shape)}; expected "
+                         f"uint8{list(expected)} for K={k}, N={n}, bits={bits}, block_size={block_size}")
+    if bits == 8:
+        u = packed
+    else:
+        u = np.empty((n, blocks, block_size), np.uint8)
+        u[..., 0::2] = packed & 0x0F
+        u[..., 1::2] = packed >> 4
+    return (u.reshape(n, -1)[:, :k].astype(np.int16) - 2 ** (bits - 1)).astype(np.int8).T

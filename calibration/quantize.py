@@ -1,0 +1,260 @@
+"""`posellm-edge quantize`: add a weight-only block-quantized decoder variant (`int4`, `int8wo`) to a bundle.
+
+The decoder's linear layers (q/k/v/o, gate/up/down, optionally lm_head) are quantized once — round-to-nearest, or
+GPTQ on the second moments of their inputs while the fp32 graphs decode real COCO person crops — and written in two
+graph forms from that one weight set (see weight_only.py): onnxruntime's MatMulNBits from the fp32 decoder (the
+variant's own decoder: CPU/CUDA EPs) and blocked DequantizeLinear from the fp16 decoder (its `tensorrt` form: fp16
+activations, as TensorRT runs fastest). The vision graph is not quantized: the variant points at the fp32 (and, for
+TensorRT, fp16) vision graph already in the bundle.
+
+Checks written to `<variant>/quantization.json`: the two forms against each other and both against fp32 on the
+runtime's prefill, GPTQ's and RTN's activation-weighted weight error side by side, and — with a checkpoint — the
+graphs against the PyTorch model carrying the same dequantized weights (tight: it checks the graphs) and against the
+fp32 model (reported: that is the quantization error).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import onnx
+
+from runtime.backends.base import Stopwatch
+from runtime.backends.onnxruntime import OrtRunner
+from runtime.decoding import Decoder
+from runtime.errors import InputError
+from runtime.manifest import GraphForm, GraphSpec, Manifest, Variant, load_manifest, sha256_file
+from runtime.preprocess import CropSpec
+
+from .blockwise import BITS, BLOCK_SIZES, BlockQuantized, quantize_gptq, quantize_rtn
+from .calibrate import _diff, _int8_spec, _publish, weight_bytes
+from .data import array_sha256, load_person_crops
+from .weight_only import HessianTap, load_weight, matmul_weights, write_blocked_qdq, write_matmul_nbits
+
+METHODS = ("gptq", "rtn")
+ARTIFACT_SCHEMA = 1
+
+
+@dataclass(frozen=True)
+class QuantizeConfig:
+    bundle: Path
+    coco: Path | None = None  # COCO person-keypoints file: its GT boxes give the crops (gptq only)
+    images: Path | None = None
+    bits: int = 4
+    block_size: int = 64  # input features per scale
+    method: str = "gptq"
+    samples: int = 16  # persons decoded (template) through the fp32 graphs for GPTQ's statistics
+    lm_head: bool = True  # quantize lm_head too (the largest single matrix of a small-vocab model)
+    name: str | None = None  # variant name; default int4 / int8wo
+    checkpoint: Path | None = None  # validate against the PyTorch model carrying the dequantized weights
+    damp: float = 0.01
+    seed: int = 0
+    overwrite: bool = False
+    threads: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.bits not in BITS:
+            raise InputError(f"bits={self.bits}: expected one of {list(BITS)}")
+        if self.block_size not in BLOCK_SIZES:
+            raise InputError(f"block_size={self.block_size}: expected one of {list(BLOCK_SIZES)}")
+        if self.method not in METHODS:
+            raise InputError(f"method={self.method!r}: expected one of {list(METHODS)}")
+        if self.method == "gptq" and (self.coco is None or self.images is None):
+            raise InputError("method='gptq' needs calibration crops: pass --coco and --images (or --method rtn)")
+        if self.samples < 1:
+            raise InputError(f"samples={self.samples}: expected >= 1")
+        if self.name is not None and (not self.name.isidentifier() or self.name in ("fp32", "fp16", "int8")):
+            raise InputError(f"name={self.name!r}: expected a new identifier-like variant name")
+
+    @property
+    def variant(self) -> str:
+        return self.name or ("int4" if self.bits == 4 else "int8wo")
+
+
+@dataclass(frozen=True)
+class QuantizeResult:
+    bundle: Path
+    variant: Variant
+    artifact: dict[str, Any]
+    seconds: float
+
+
+def quantize_bundle(cfg: QuantizeConfig, log: Callable[[str], None] = print) -> QuantizeResult:
+    start = time.perf_counter()
+    bundle = Path(cfg.bundle)
+    manifest = load_manifest(bundle, verify=True)
+    name = cfg.variant
+    if name in manifest.variants and not cfg.overwrite:
+        raise InputError(f"{bundle} already has a {name} variant; pass --overwrite to replace it")
+    fp32 = manifest.variant("fp32")  # the master weights, and the source of the MatMulNBits form
+    fp16 = manifest.variants.get("fp16")  # source of the TensorRT form (fp16 activations) when present
+    src32 = onnx.load(str(bundle / fp32.decoder.file), load_external_data=False)
+    nodes = matmul_weights(src32)
+    vocab = manifest.dims.vocab_size  # lm_head is the MatMul whose outputs are the vocabulary
+    chosen = {n: aw for n, aw in nodes.items()
+              if cfg.lm_head or next(t.dims for t in src32.graph.initializer if t.name == aw[1])[-1] != vocab}
+
+    data: dict[str, Any] = {}
+    hessians: dict[str, np.ndarray] = {}
+    if cfg.coco is not None and cfg.images is not None:
+        t0 = time.perf_counter()
+        hessians, data = _collect_hessians(cfg, manifest, bundle, fp32, {n: aw[0] for n, aw in chosen.items()})
+        log(f"collected input statistics of {len(chosen)} decoder MatMuls from {data['persons']} persons "
+            f"({data['decoder_calls']} decoder calls) in {time.perf_counter() - t0:.1f}s")
+
+    t0 = time.perf_counter()
+    quantized, errors = {}, {}
+    base = str((bundle / fp32.decoder.file).parent)
+    for node, (act, weight) in chosen.items():
+        w = load_weight(src32, weight, base).astype(np.float32)
+        rtn = quantize_rtn(w, cfg.bits, cfg.block_size, node)
+        gptq = (quantize_gptq(w, hessians[act], cfg.bits, cfg.block_size, cfg.damp, node)
+                if cfg.method == "gptq" else None)
+        quantized[node] = gptq if gptq is not None else rtn
+        if act in hessians:  # the output error each method leaves on the calibration activations
+            errors[node] = {"rtn": _output_error(w, rtn, hessians[act]),
+                            **({"gptq": _output_error(w, gptq, hessians[act])} if gptq is not None else {})}
+    log(f"quantized {len(quantized)} weights ({cfg.method}, int{cfg.bits}, block {cfg.block_size}) in "
+        f"{time.perf_counter() - t0:.1f}s")
+    for key in ("rtn", "gptq"):
+        vals = [e[key] for e in errors.values() if key in e]
+        if vals:
+            log(f"  {key}: mean relative output error ||X(W - Wq)|| / ||XW|| over the calibration tokens "
+                f"{np.mean(vals):.4f} (max {np.max(vals):.4f})")
+
+    tmp = bundle / f".{name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        cpu_form = write_matmul_nbits(bundle / fp32.decoder.file, tmp / "decoder.onnx", quantized)
+        trt_source = fp16 or fp32
+        trt_form = write_blocked_qdq(bundle / trt_source.decoder.file, tmp / "decoder_qdq.onnx", quantized)
+        decoder_spec = _int8_spec(fp32.decoder, tmp / "decoder.onnx", name)
+        qdq_spec = _int8_spec(trt_source.decoder, tmp / "decoder_qdq.onnx", name)
+        checks = _compare_forms(manifest, bundle, fp32, trt_source, tmp, decoder_spec, qdq_spec, cfg.threads)
+        log(f"forms on onnxruntime CPU (prefill logits, {checks['persons']} persons): "
+            f"MatMulNBits vs Q/DQ ({trt_form['activation_dtype']}) max|diff| "
+            f"{checks['matmul_nbits_vs_qdq']['max_abs']:.3e}; MatMulNBits vs fp32 "
+            f"{checks['matmul_nbits_vs_fp32']['max_abs']:.3e} "
+            f"(ref max {checks['matmul_nbits_vs_fp32']['ref_max_abs']:.2f})")
+        validation = None
+        if cfg.checkpoint is not None:
+            from .weight_only_validate import validate_against_pytorch
+            validation = validate_against_pytorch(Path(cfg.checkpoint), manifest, bundle, fp32, quantized,
+                                                  tmp / "decoder.onnx", tmp / "decoder_qdq.onnx",
+                                                  "fp16" if fp16 else "fp32", log)
+        artifact = {
+            "schema": ARTIFACT_SCHEMA, "variant": name, "method": cfg.method, "bits": cfg.bits,
+            "block_size": cfg.block_size, "symmetric": True, "scale_dtype": "float16", "lm_head": cfg.lm_head,
+            "damp": cfg.damp if cfg.method == "gptq" else None, "data": data,
+            "forms": {"onnxruntime": {**cpu_form, "file": decoder_spec.file},
+                      "tensorrt": {**trt_form, "file": qdq_spec.file}},
+            "weights": {n: {"shape": list(q.q.shape), **errors.get(n, {})} for n, q in quantized.items()},
+            "output_error": {k: float(np.mean([e[k] for e in errors.values() if k in e]))
+                             for k in ("rtn", "gptq") if any(k in e for e in errors.values())},
+            "checks": checks, "validation": validation,
+            "sizes": decoder_sizes(bundle, fp16, tmp, {"onnxruntime": decoder_spec, "tensorrt": qdq_spec}),
+        }
+        (tmp / "quantization.json").write_text(json.dumps(artifact, indent=1, sort_keys=True) + "\n")
+        variant = Variant(
+            precision=name, vision=fp32.vision, decoder=decoder_spec, embedding=fp32.embedding,
+            calibration={"artifact": f"{name}/quantization.json",
+                         "sha256": sha256_file(tmp / "quantization.json"), "method": cfg.method,
+                         "samples": data.get("persons", 0), "data_sha256": data.get("sha256"),
+                         "decoder": f"weight-only int{cfg.bits} symmetric, block {cfg.block_size} along the input "
+                                    f"features, fp16 scales{', lm_head included' if cfg.lm_head else ''}"},
+            tensorrt=GraphForm(trt_source.vision, qdq_spec, trt_source.embedding))
+        manifest = _publish(bundle, manifest, tmp, variant)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    sizes = artifact["sizes"]
+    for form in ("onnxruntime", "tensorrt"):
+        ratio = sizes[f"{form}_ratio_vs_fp16"]
+        if ratio is not None:
+            log(f"{name} decoder ({form} form): {sizes[f'{form}_weight_bytes']} weight bytes = {ratio:.3f}x fp16")
+    seconds = time.perf_counter() - start
+    log(f"{name} variant written in {seconds:.1f}s")
+    return QuantizeResult(bundle, manifest.variants[name], artifact, seconds)
+
+
+def decoder_sizes(bundle: Path, fp16: Variant | None, staged: Path, forms: dict[str, GraphSpec]) -> dict[str, Any]:
+    """Weight (initializer) bytes of each form's decoder, staged in `staged` before publishing, vs the fp16 one."""
+    ref = weight_bytes(bundle, fp16.decoder) if fp16 else None
+    out: dict[str, Any] = {"fp16_weight_bytes": ref}
+    for form, spec in forms.items():
+        b = weight_bytes(staged, dataclasses.replace(spec, file=Path(spec.file).name))
+        out[f"{form}_weight_bytes"] = b
+        out[f"{form}_ratio_vs_fp16"] = round(b / ref, 4) if ref else None
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------- helpers
+def _output_error(w: np.ndarray, bq: BlockQuantized, h: np.ndarray) -> float:
+    """||X (W - Wq)||_F / ||X W||_F from H = XᵀX: relative error of the layer's outputs on the calibration data."""
+    d = w.astype(np.float64) - bq.dequantize(np.float64)
+    num = float(np.sum(d * (h @ d)))
+    den = float(np.sum(w * (h @ w.astype(np.float64))))
+    return float(np.sqrt(num / den)) if den > 0 else 0.0
+
+
+def _collect_hessians(cfg: QuantizeConfig, manifest: Manifest, bundle: Path, fp32: Variant,
+                      acts: dict[str, str]) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """Σ xᵀx per MatMul input while the fp32 graphs decode `samples` person crops the way the runtime does."""
+    spec = CropSpec(crop_size=manifest.preprocess.crop_size, mean=tuple(manifest.preprocess.mean),
+                    std=tuple(manifest.preprocess.std))
+    crops = load_person_crops(Path(cfg.coco), Path(cfg.images), cfg.samples, cfg.seed, spec)
+    vision = OrtRunner(bundle / fp32.vision.file, fp32.vision, threads=cfg.threads)
+    tap = HessianTap(bundle / fp32.decoder.file, fp32.decoder, acts, threads=cfg.threads)
+    try:
+        table = np.load(bundle / fp32.embedding, mmap_mode="r")
+        decoder = Decoder(manifest, tap, table, lambda ids: "")
+        suffixes = [list(k.suffix_ids) for k in manifest.prompts.keypoints]
+        template = manifest.prompts.answer_template_ids is not None and manifest.prompts.digit_ids is not None
+        for i in range(0, len(crops.pixel_values), manifest.max_persons):
+            embeds = np.asarray(vision({"pixel_values": crops.pixel_values[i:i + manifest.max_persons]})
+                                ["image_embeds"])
+            (decoder.template if template else decoder.free)(embeds, suffixes, Stopwatch())
+        hessians = dict(tap.hessians)
+        data = {"coco": Path(cfg.coco).name, "seed": cfg.seed, "persons": int(len(crops.pixel_values)),
+                "available_persons": crops.available, "crops_sha256": crops.sha256,
+                "sha256": array_sha256(crops.pixel_values, *[hessians[a] for a in sorted(hessians)]),
+                "decoding": "template" if template else "free", "decoder_calls": tap.calls,
+                "tokens_per_input": {a: int(n) for a, n in sorted(tap.tokens.items())}}
+        return hessians, data
+    finally:
+        tap.close()
+
+
+def _compare_forms(manifest: Manifest, bundle: Path, fp32: Variant, trt_source: Variant, tmp: Path,
+                   decoder_spec: GraphSpec, qdq_spec: GraphSpec, threads: int | None) -> dict[str, Any]:
+    """Prefill logits (prefix + keypoint suffixes with the answer head) of both forms and of fp32, on onnxruntime
+    CPU, for synthetic image embeddings of two persons (the forms are compared, not the vision graph)."""
+    persons = min(2, manifest.max_persons)
+    rng = np.random.default_rng(0)
+    embeds = rng.standard_normal((persons, manifest.dims.num_patches, manifest.dims.hidden_size)).astype(np.float32)
+    p = manifest.prompts
+    suffixes = [list(k.suffix_ids) for k in p.keypoints]
+    head = list(p.answer_template_ids[:p.digit_positions[0]]) if p.answer_template_ids else []
+
+    def prefill(file: Path, spec: GraphSpec, embedding: str) -> np.ndarray:
+        runner = OrtRunner(file, spec, threads=threads)
+        table = np.load(bundle / embedding, mmap_mode="r")
+        out = Decoder(manifest, runner, table, lambda ids: "").prefill(embeds.astype(table.dtype), suffixes, head,
+                                                                      Stopwatch())[0]
+        return runner.to_numpy(out.logits).astype(np.float32)
+
+    ref = prefill(bundle / fp32.decoder.file, fp32.decoder, fp32.embedding)
+    nbits = prefill(tmp / "decoder.onnx", decoder_spec, fp32.embedding)
+    qdq = prefill(tmp / "decoder_qdq.onnx", qdq_spec, trt_source.embedding)
+    return {"persons": persons, "inputs": "synthetic image embeddings (seed 0), the bundle's 17 keypoint prompts",
+            "matmul_nbits_vs_qdq": _diff(qdq, nbits), "matmul_nbits_vs_fp32": _diff(nbits, ref),
+            "qdq_vs_fp32": _diff(qdq, ref),
+            "argmax_agreement_nbits_qdq": float((nbits[:, -1].argmax(-1) == qdq[:, -1].argmax(-1)).mean())}
