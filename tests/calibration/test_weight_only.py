@@ -321,12 +321,10 @@ def test_tensorrt_build_uses_the_qdq_form_and_refuses_blocked_int8(int4_bundle, 
         build_engines(BuildConfig(copy, "int8wo", commands_only=True))
 
 
-def test_version_2_manifests_read_unchanged(tiny_bundle):
-    """Schema 3 only adds the optional `tensorrt` form: a version-2 manifest (no such key) reads as before, and every
-    backend gets the variant's own graphs."""
+def test_variant_without_tensorrt_form_uses_its_own_graphs(tiny_bundle):
+    """The `tensorrt` form is optional: a variant without it gives every backend the variant's own graphs."""
     from runtime.manifest import Manifest
     data = json.loads((tiny_bundle / "manifest.json").read_text())
-    data["schema_version"] = 2
     for v in data["variants"].values():
         v.pop("tensorrt", None)
     m = Manifest.from_json(json.dumps(data))
