@@ -228,13 +228,16 @@ def lm_loss(model: PoseLLM, sampler: Sampler, cfg: TrainConfig, pointer_weight: 
             heads: torch.nn.ModuleList | None = None, heatmap_weight: float = 0.0) -> Callable[[], Any]:
     """Answer-only cross-entropy of a fresh multi-round batch (HF shifts the labels).
 
-    pointer_weight > 0 (needs eager attention) adds an attention-supervision term: at every row that predicts an
-    answer token, head 0 of LLM layer `pointer_layer` should put its attention on the image tokens as the bilinear
-    splat of that round's keypoint over the patch grid (cross-entropy). It forms the "look up keypoint k" circuit
+    pointer_weight > 0 adds an attention-supervision term: at every row that predicts an answer token, head 0 of
+    LLM layer `pointer_layer` should put its attention on the image tokens as the bilinear splat of that round's
+    keypoint over the patch grid (cross-entropy; that head's attention is recomputed for those rows only, see
+    PointerProbe, so the LLM keeps its fused attention). It forms the "look up keypoint k" circuit
     that plain cross-entropy only finds after a long plateau; the fine-tune phase uses plain cross-entropy.
     heatmap_weight > 0 (with the warm-up's `heads`) keeps the vision warm-up loss on the same crops' ViT tokens, so
     the ViT keeps localising while the LLM learns to read it.
     """
+    pointer = PointerProbe(model.llm.model.layers[cfg.pointer_layer].self_attn) if pointer_weight > 0 else None
+
     def loss() -> torch.Tensor:
         batch = sampler.batch(cfg.batch_size, pointer=pointer_weight > 0, heat=heatmap_weight > 0)
         if pointer_weight <= 0 and heatmap_weight <= 0:
@@ -245,17 +248,45 @@ def lm_loss(model: PoseLLM, sampler: Sampler, cfg: TrainConfig, pointer_weight: 
         tokens = model.vision_model(batch["pixel_values"])
         out = model.llm(inputs_embeds=model.embed(batch["input_ids"], model.mm_projector(tokens)),
                         attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
-                        labels=batch["labels"], use_cache=False, output_attentions=pointer_weight > 0)
+                        labels=batch["labels"], use_cache=False)
         total = out.loss
-        if pointer_weight > 0:
+        if pointer is not None:
             start = sampler.builder.image_start
-            attn = out.attentions[cfg.pointer_layer][rows[:, 0], 0, rows[:, 1], start:start + target.shape[1]]
+            attn = pointer.attention(rows)[:, start:start + target.shape[1]]
             total = total + pointer_weight * -(target * torch.log(attn + 1e-6)).sum(-1).mean()
         if heatmap_weight > 0:
             heat, where = heat_terms(model, heads, tokens, heat_target)
             total = total + heatmap_weight * (heat + 10.0 * where)
         return total, out.loss.detach()
     return loss
+
+
+class PointerProbe:
+    """Head 0's attention of one LlamaAttention for chosen query rows, recomputed from the inputs that module saw
+    in the last forward (a pre-hook keeps them): eager attention for 1 head × the supervised rows instead of
+    `output_attentions` (eager, every head of every layer, ~2.4× the cost of an SDPA step here). Causal masking is
+    enough: sequences are right-padded, so a real row never sees padding."""
+
+    def __init__(self, attn: torch.nn.Module) -> None:
+        self.attn = attn
+        self.inputs: dict[str, Any] = {}
+        attn.register_forward_pre_hook(self._keep, with_kwargs=True)
+
+    def _keep(self, module, args, kwargs) -> None:
+        self.inputs = {"hidden_states": kwargs.get("hidden_states", args[0] if args else None),
+                       "position_embeddings": kwargs.get("position_embeddings")}
+
+    def attention(self, rows: torch.Tensor) -> torch.Tensor:
+        """rows [P, 2] (batch row, query position) → attention probabilities [P, sequence] of head 0."""
+        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+        h, (cos, sin) = self.inputs["hidden_states"], self.inputs["position_embeddings"]
+        d = self.attn.head_dim
+        q = self.attn.q_proj(h)[..., :d].unsqueeze(1)  # [B, 1, T, d]
+        k = self.attn.k_proj(h)[..., :d].unsqueeze(1)
+        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        scores = (q[rows[:, 0], 0, rows[:, 1]].unsqueeze(1) * k[rows[:, 0], 0]).sum(-1) * self.attn.scaling
+        keys = torch.arange(h.shape[1], device=h.device)
+        return scores.masked_fill(keys[None, :] > rows[:, 1:2], float("-inf")).softmax(-1)
 
 
 def patch_centres(grid: int) -> torch.Tensor:
@@ -343,6 +374,12 @@ def evaluate(model: PoseLLM, ptok: PromptTokenizer, dataset_dir: Path) -> dict[s
 
 
 PHASES = ("vision", "base", "finetune")
+# Settings a resumed run may change: they do not enter the training maths (logging, checkpoint/probe cadence).
+OPERATIONAL = {"log_every": 20, "checkpoint_minutes": 5.0, "probe_images": 0, "threads": 2}
+
+
+def _training_math(cfg: TrainConfig) -> TrainConfig:
+    return dataclasses.replace(cfg, **OPERATIONAL)
 
 
 def _save_resume(path: Path, state: dict[str, Any]) -> None:
@@ -363,7 +400,7 @@ def run(cfg: TrainConfig, out: Path, work: Path, base_dir: Path | None = None, r
         (out / "train_log.txt").unlink(missing_ok=True)
     log = Log(out / "train_log.txt")
     if state is not None:
-        if TrainConfig.from_dict(state["config"]) != cfg:
+        if _training_math(TrainConfig.from_dict(state["config"])) != _training_math(cfg):
             raise ValueError(f"{resume_path} was written with another train config; start without --resume")
         log(f"resume from {resume_path}: phase {state['phase']}, step {state['step']}")
     elif resume:
@@ -415,7 +452,7 @@ def run(cfg: TrainConfig, out: Path, work: Path, base_dir: Path | None = None, r
 
     if base_dir is None and at <= PHASES.index("base"):
         torch.manual_seed(cfg.seed)
-        model = PoseLLM(mcfg, attn_implementation="eager" if cfg.pointer_weight > 0 else "sdpa")
+        model = PoseLLM(mcfg, attn_implementation="sdpa")
         if cfg.llm_init_std > 0:
             with torch.no_grad():
                 for module in model.llm.modules():
