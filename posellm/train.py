@@ -1,13 +1,15 @@
 """Train a small PoseLLM from scratch on synthetic people, then LoRA-fine-tune it (SPEC §5, scaled down).
 
-    python -m posellm.train --config CONFIG.json --out DIR [--work WORKDIR] [--base BASE_CKPT]
+    python -m posellm.train --config CONFIG.json --out DIR [--work WORKDIR] [--base BASE_CKPT] [--resume]
 
 Phase `base`: all parameters, LoRA disabled. Phase `finetune`: LoRA (B = 0 at start) on the ViT q/v thirds and the
 LLM q_proj/v_proj, trained together with the full connector; everything else frozen. Answer-only cross-entropy on
 multi-round conversations (train_data). AdamW, cosine schedule with warm-up; a phase ends after `steps` or
 `minutes` (the schedule runs on whichever fraction is larger, so a time cap still ends on a decayed lr).
 DIR receives the final native checkpoint (LoRA unmerged) + tokenizer.json, train_config.json and train_log.txt;
-WORKDIR (default /tmp/posellm-train) keeps the base checkpoint; `--base` skips phase `base` and starts from one.
+WORKDIR (default /tmp/posellm-train) keeps the base checkpoint and `resume.pt` (model, optimizer, sampler state,
+phase and step; written every `checkpoint_minutes` and at each phase boundary): `--resume` continues from it, so
+several shorter runs add up to one (a phase's time cap counts the minutes of every run).
 """
 from __future__ import annotations
 
@@ -37,6 +39,7 @@ from runtime.prompts import PromptTokenizer
 
 from .checkpoint import load_checkpoint, save_native
 from .config import LLMConfig, LoRAConfig, PoseLLMConfig, VisionConfig, _strict
+from .data.synthetic import DOMAIN_KEYS
 from .model import PoseLLM
 from .small_tokenizer import build_small_tokenizer
 from .train_data import Augment, PersonSet, Sampler, SequenceBuilder, ensure_dataset
@@ -74,6 +77,14 @@ class TrainConfig:
     val_seed: int = 2000
     max_rounds: int = 5
     augment: bool = True
+    rot_factor: float = 40.0  # augmentation rotation ±deg (p 0.5), LocLLM's 40
+    # synthetic domain (SyntheticConfig), the same for train, probe and val sets
+    background: str = "mixed"
+    occluder_prob: float = 0.3
+    truncation_prob: float = 0.15
+    max_persons: int = 3
+    probe_images: int = 0  # >0: AP on this many images of probe_seed (never the val seed) at each base checkpoint
+    probe_seed: int = 3000
     # optimisation
     seed: int = 0
     batch_size: int = 16
@@ -83,9 +94,11 @@ class TrainConfig:
     vision_batch_size: int = 64
     pointer_weight: float = 0.0  # base phase: attention supervision (see lm_loss); 0 = plain cross-entropy
     pointer_layer: int = 1
+    heatmap_weight: float = 0.0  # base phase: keep the vision warm-up's heatmap loss on the ViT tokens
     base: PhaseConfig = PhaseConfig(steps=1000)
     finetune: PhaseConfig = PhaseConfig(steps=200, lr=5e-4)
     log_every: int = 10
+    checkpoint_minutes: float = 5.0
     threads: int = 2
 
     @classmethod
@@ -102,6 +115,10 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def domain(self) -> dict[str, Any]:
+        """SyntheticConfig overrides of the data domain (`python -m posellm.data.synthetic` flags of the same names)."""
+        return {key: getattr(self, key) for key in DOMAIN_KEYS}
 
     def model_config(self, vocab_size: int, image_token_id: int, lora: bool) -> PoseLLMConfig:
         grid = self.crop_size // self.patch_size
@@ -147,9 +164,12 @@ def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> to
 
 
 def train_phase(model: torch.nn.Module, loss_fn: Callable[[], Any], phase: PhaseConfig, cfg: TrainConfig,
-                log: Callable[[str], None], name: str) -> list[float]:
+                log: Callable[[str], None], name: str, resume: dict[str, Any] | None = None,
+                save: Callable[[dict[str, Any]], None] | None = None,
+                probe: Callable[[], str] | None = None) -> list[float]:
     """One phase of AdamW on model's parameters that require grad; loss_fn draws a batch and returns its loss
-    (or (loss, cross-entropy part), logged as `ce`)."""
+    (or (loss, cross-entropy part), logged as `ce`). resume: {step, elapsed, opt} of an interrupted run of this
+    phase; every cfg.checkpoint_minutes, probe() (a one-line score) is logged and save({step, elapsed, opt}) called."""
     model.train()
     opt = make_optimizer(model, phase.lr, cfg.weight_decay)
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -157,9 +177,22 @@ def train_phase(model: torch.nn.Module, loss_fn: Callable[[], Any], phase: Phase
         f" params; {phase.steps} steps, cap {phase.minutes} min, peak lr {phase.lr}")
     losses: list[float] = []
     ces: list[float] = []
-    start = time.perf_counter()
-    step = 0
+    step, done_before = 0, 0.0
+    if resume is not None:
+        opt.load_state_dict(resume["opt"])
+        step, done_before = int(resume["step"]), float(resume["elapsed"])
+        log(f"{name}: resumed at step {step}, {done_before / 60:.2f} min done")
+    start = time.perf_counter() - done_before
+    last_save = time.perf_counter()
     while step < phase.steps:
+        if (save or probe) and time.perf_counter() - last_save >= 60 * cfg.checkpoint_minutes:
+            if probe is not None:
+                model.eval()
+                log(f"{name} probe at step {step}: {probe()}")
+                model.train()
+            if save is not None:
+                save({"step": step, "elapsed": time.perf_counter() - start, "opt": opt.state_dict()})
+            last_save = time.perf_counter()
         elapsed = time.perf_counter() - start
         progress = max(step / phase.steps, elapsed / (60 * phase.minutes) if phase.minutes > 0 else 0.0)
         if progress >= 1.0:
@@ -179,58 +212,128 @@ def train_phase(model: torch.nn.Module, loss_fn: Callable[[], Any], phase: Phase
         opt.zero_grad(set_to_none=True)
         losses.append(float(loss.detach()))
         step += 1
-        if step % cfg.log_every == 0 or step == phase.steps:
+        if (step % cfg.log_every == 0 or step == phase.steps) and losses:
             recent, ce = losses[-cfg.log_every:], ces[-cfg.log_every:]
             ce_text = f"  ce {sum(ce) / len(ce):.4f}" if ce else ""
             log(f"{name} step {step:5d}  loss {sum(recent) / len(recent):.4f}{ce_text}  lr {lr:.2e}  "
                 f"{time.perf_counter() - start:7.1f}s")
     log(f"{name}: done, {step} steps in {(time.perf_counter() - start) / 60:.2f} min")
+    if probe is not None:
+        model.eval()
+        log(f"{name} probe at step {step}: {probe()}")
     return losses
 
 
-def lm_loss(model: PoseLLM, sampler: Sampler, cfg: TrainConfig, pointer_weight: float = 0.0
-            ) -> Callable[[], Any]:
+def lm_loss(model: PoseLLM, sampler: Sampler, cfg: TrainConfig, pointer_weight: float = 0.0,
+            heads: torch.nn.ModuleList | None = None, heatmap_weight: float = 0.0) -> Callable[[], Any]:
     """Answer-only cross-entropy of a fresh multi-round batch (HF shifts the labels).
 
-    pointer_weight > 0 (needs eager attention) adds an attention-supervision term: at every row that predicts an
-    answer token, head 0 of LLM layer `pointer_layer` should put its attention on the image tokens as the bilinear
-    splat of that round's keypoint over the patch grid (cross-entropy). It forms the "look up keypoint k" circuit
+    pointer_weight > 0 adds an attention-supervision term: at every row that predicts an answer token, head 0 of
+    LLM layer `pointer_layer` should put its attention on the image tokens as the bilinear splat of that round's
+    keypoint over the patch grid (cross-entropy; that head's attention is recomputed for those rows only, see
+    PointerProbe, so the LLM keeps its fused attention). It forms the "look up keypoint k" circuit
     that plain cross-entropy only finds after a long plateau; the fine-tune phase uses plain cross-entropy.
+    heatmap_weight > 0 (with the warm-up's `heads`) keeps the vision warm-up loss on the same crops' ViT tokens, so
+    the ViT keeps localising while the LLM learns to read it.
     """
+    pointer = PointerProbe(model.llm.model.layers[cfg.pointer_layer].self_attn) if pointer_weight > 0 else None
+
     def loss() -> torch.Tensor:
-        batch = sampler.batch(cfg.batch_size, pointer=pointer_weight > 0)
-        if pointer_weight <= 0:
+        batch = sampler.batch(cfg.batch_size, pointer=pointer_weight > 0, heat=heatmap_weight > 0)
+        if pointer_weight <= 0 and heatmap_weight <= 0:
             return model(**batch).loss
-        rows, target = batch.pop("pointer_rows"), batch.pop("pointer_target")
+        rows, target = batch.pop("pointer_rows", None), batch.pop("pointer_target", None)
+        heat_target = batch.pop("heat_target", None)
         mask = batch["attention_mask"]
-        out = model.llm(inputs_embeds=model.embed(batch["input_ids"], model.encode_image(batch["pixel_values"])),
+        tokens = model.vision_model(batch["pixel_values"])
+        out = model.llm(inputs_embeds=model.embed(batch["input_ids"], model.mm_projector(tokens)),
                         attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
-                        labels=batch["labels"], use_cache=False, output_attentions=True)
-        start = sampler.builder.image_start
-        attn = out.attentions[cfg.pointer_layer][rows[:, 0], 0, rows[:, 1], start:start + target.shape[1]]
-        pointer = -(target * torch.log(attn + 1e-6)).sum(-1).mean()
-        return out.loss + pointer_weight * pointer, out.loss.detach()
+                        labels=batch["labels"], use_cache=False)
+        total = out.loss
+        if pointer is not None:
+            start = sampler.builder.image_start
+            attn = pointer.attention(rows)[:, start:start + target.shape[1]]
+            total = total + pointer_weight * -(target * torch.log(attn + 1e-6)).sum(-1).mean()
+        if heatmap_weight > 0:
+            heat, where = heat_terms(model, heads, tokens, heat_target)
+            total = total + heatmap_weight * (heat + 10.0 * where)
+        return total, out.loss.detach()
     return loss
+
+
+class PointerProbe:
+    """Head 0's attention of one LlamaAttention for chosen query rows, recomputed from the inputs that module saw
+    in the last forward (a pre-hook keeps them): eager attention for 1 head × the supervised rows instead of
+    `output_attentions` (eager, every head of every layer, ~2.4× the cost of an SDPA step here). Causal masking is
+    enough: sequences are right-padded, so a real row never sees padding."""
+
+    def __init__(self, attn: torch.nn.Module) -> None:
+        self.attn = attn
+        self.inputs: dict[str, Any] = {}
+        attn.register_forward_pre_hook(self._keep, with_kwargs=True)
+
+    def _keep(self, module, args, kwargs) -> None:
+        self.inputs = {"hidden_states": kwargs.get("hidden_states", args[0] if args else None),
+                       "position_embeddings": kwargs.get("position_embeddings")}
+
+    def attention(self, rows: torch.Tensor) -> torch.Tensor:
+        """rows [P, 2] (batch row, query position) → attention probabilities [P, sequence] of head 0."""
+        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+        h, (cos, sin) = self.inputs["hidden_states"], self.inputs["position_embeddings"]
+        d = self.attn.head_dim
+        q = self.attn.q_proj(h)[..., :d].unsqueeze(1)  # [B, 1, T, d]
+        k = self.attn.k_proj(h)[..., :d].unsqueeze(1)
+        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        scores = (q[rows[:, 0], 0, rows[:, 1]].unsqueeze(1) * k[rows[:, 0], 0]).sum(-1) * self.attn.scaling
+        keys = torch.arange(h.shape[1], device=h.device)
+        return scores.masked_fill(keys[None, :] > rows[:, 1:2], float("-inf")).softmax(-1)
+
+
+def patch_centres(grid: int) -> torch.Tensor:
+    """[grid², 2] patch centres as (x, y) / crop side, row-major like the image tokens."""
+    ij = torch.stack(torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="xy"), -1).reshape(-1, 2)
+    return (ij.float() + 0.5) / grid
+
+
+def heat_terms(model: PoseLLM, heads: torch.nn.ModuleList, tokens: torch.Tensor, target: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(per-keypoint cross-entropy of a softmax over the patches against the bilinear splat (heads[0]),
+    L1 of each token's own patch centre / crop (heads[1])) on ViT tokens [B, patches, dim]."""
+    logp = heads[0](tokens).transpose(1, 2).log_softmax(-1)  # [B, 17, patches]
+    labelled = target.sum(-1) > 0
+    heat = -(target * logp).sum(-1)[labelled].mean()
+    return heat, (heads[1](tokens) - patch_centres(model.cfg.grid)).abs().mean()
 
 
 def heatmap_loss(model: PoseLLM, heads: torch.nn.ModuleList, sampler: Sampler, batch_size: int
                  ) -> Callable[[], torch.Tensor]:
-    """Vision warm-up on the patch tokens: per keypoint, cross-entropy of a softmax over the patches against the
-    bilinear splat (heads[0]) + 10 × L1 of each token's own patch centre / crop (heads[1]), so that a token the LLM
-    attends to also tells it *where* it is (values carry no RoPE position)."""
+    """Vision warm-up on the patch tokens: heat_terms' heatmap cross-entropy + 10 × its patch-centre L1, so that
+    a token the LLM attends to also tells it *where* it is (values carry no RoPE position)."""
     patch = model.cfg.vision.patch_size
-    grid = model.cfg.grid
-    ij = torch.stack(torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="xy"), -1).reshape(-1, 2)
-    centres = (ij.float() + 0.5) / grid  # [patches, 2] as (x, y), row-major like the tokens
 
     def loss() -> tuple[torch.Tensor, torch.Tensor]:
         pixels, target, _ = sampler.heatmap_batch(batch_size, patch)
-        tokens = model.vision_model(pixels)
-        logp = heads[0](tokens).transpose(1, 2).log_softmax(-1)  # [B, 17, patches]
-        labelled = target.sum(-1) > 0
-        heat = -(target * logp).sum(-1)[labelled].mean()
-        return heat + 10.0 * (heads[1](tokens) - centres).abs().mean(), heat.detach()
+        heat, where = heat_terms(model, heads, model.vision_model(pixels), target)
+        return heat + 10.0 * where, heat.detach()
     return loss
+
+
+def heatmap_probe(model: PoseLLM, heads: torch.nn.ModuleList, batch: tuple[torch.Tensor, ...]) -> Callable[[], str]:
+    """Pixel error of the heatmap's expected position (soft-argmax) on fixed un-augmented probe crops: the
+    localisation the LLM can at best read out (AP >= 50 needs ~2 px at 112 px)."""
+    pixels, target, coords = batch
+    crop = model.cfg.crop_size
+
+    def probe() -> str:
+        with torch.no_grad():
+            tokens = model.vision_model(pixels)
+            prob = heads[0](tokens).transpose(1, 2).softmax(-1)
+            heat, _ = heat_terms(model, heads, tokens, target)
+        labelled = target.sum(-1) > 0
+        err = ((prob @ patch_centres(model.cfg.grid) - coords).norm(dim=-1) * crop)[labelled]
+        return (f"heat ce {float(heat):.3f}, soft-argmax error mean {float(err.mean()):.2f} px, "
+                f"median {float(err.median()):.2f} px ({int(labelled.sum())} keypoints)")
+    return probe
 
 
 def enable_lora(base: PoseLLM, cfg: TrainConfig) -> PoseLLM:
@@ -270,12 +373,38 @@ def evaluate(model: PoseLLM, ptok: PromptTokenizer, dataset_dir: Path) -> dict[s
     return {n: round(float(v) * 100, 2) for n, v in zip(names, ev.stats)} | {"persons": len(results)}
 
 
-def run(cfg: TrainConfig, out: Path, work: Path, base_dir: Path | None = None) -> dict[str, Any]:
+PHASES = ("vision", "base", "finetune")
+# Settings a resumed run may change: they do not enter the training maths (logging, checkpoint/probe cadence).
+OPERATIONAL = {"log_every": 20, "checkpoint_minutes": 5.0, "probe_images": 0, "threads": 2}
+
+
+def _training_math(cfg: TrainConfig) -> TrainConfig:
+    return dataclasses.replace(cfg, **OPERATIONAL)
+
+
+def _save_resume(path: Path, state: dict[str, Any]) -> None:
+    """torch.save to a temp file, then rename: a crash mid-write keeps the previous resume point."""
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def run(cfg: TrainConfig, out: Path, work: Path, base_dir: Path | None = None, resume: bool = False
+        ) -> dict[str, Any]:
     torch.set_num_threads(cfg.threads)
     out.mkdir(parents=True, exist_ok=True)
     work.mkdir(parents=True, exist_ok=True)
-    (out / "train_log.txt").unlink(missing_ok=True)
+    resume_path = work / "resume.pt"
+    state = torch.load(resume_path, weights_only=False) if resume and resume_path.is_file() else None
+    if state is None:
+        (out / "train_log.txt").unlink(missing_ok=True)
     log = Log(out / "train_log.txt")
+    if state is not None:
+        if _training_math(TrainConfig.from_dict(state["config"])) != _training_math(cfg):
+            raise ValueError(f"{resume_path} was written with another train config; start without --resume")
+        log(f"resume from {resume_path}: phase {state['phase']}, step {state['step']}")
+    elif resume:
+        log(f"no {resume_path}: starting from scratch")
     (out / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
     tok_dir = work / "tokenizer"
     tok_dir.mkdir(exist_ok=True)
@@ -284,45 +413,90 @@ def run(cfg: TrainConfig, out: Path, work: Path, base_dir: Path | None = None) -
     vocab = ptok.tokenizer.get_vocab_size()
 
     t0 = time.perf_counter()
-    train_dir = ensure_dataset(cfg.data_dir, cfg.train_images, cfg.train_seed)
-    val_dir = ensure_dataset(cfg.data_dir, cfg.val_images, cfg.val_seed)
+    train_dir = ensure_dataset(cfg.data_dir, cfg.train_images, cfg.train_seed, **cfg.domain())
+    val_dir = ensure_dataset(cfg.data_dir, cfg.val_images, cfg.val_seed, **cfg.domain())
+    probe_dir = ensure_dataset(cfg.data_dir, cfg.probe_images, cfg.probe_seed, **cfg.domain()) \
+        if cfg.probe_images > 0 else None
     data = PersonSet(train_dir)
-    log(f"data: {len(data)} train persons from {train_dir}, val {val_dir}; {time.perf_counter() - t0:.1f}s")
+    log(f"data: {len(data)} train persons from {train_dir}, val {val_dir}, probe {probe_dir}; "
+        f"{time.perf_counter() - t0:.1f}s")
     mcfg = cfg.model_config(vocab, ptok.special.image, lora=False)
     builder = SequenceBuilder(ptok, mcfg.num_patches, cfg.crop_size, cfg.max_rounds)
-    aug = Augment() if cfg.augment else None
-    summary: dict[str, Any] = {}
+    aug = Augment(rot_factor=cfg.rot_factor) if cfg.augment else None
+    summary: dict[str, Any] = dict(state["summary"]) if state else {}
+    at = PHASES.index(state["phase"]) if state else 0
 
-    if base_dir is None:
+    def phase_state(name: str) -> dict[str, Any] | None:
+        return state if state is not None and state["phase"] == name and state["step"] is not None else None
+
+    def saver(name: str, model: torch.nn.Module, heads: torch.nn.Module | None, sampler: Sampler
+              ) -> Callable[[dict[str, Any]], None]:
+        def save(progress: dict[str, Any] | None) -> None:
+            _save_resume(resume_path, {
+                "config": cfg.to_dict(), "phase": name, "summary": summary, **(progress or {"step": None}),
+                "model": model.state_dict(), "heads": heads.state_dict() if heads is not None else None,
+                "sampler_rng": sampler.rng.bit_generator.state, "torch_rng": torch.get_rng_state()})
+        return save
+
+    def restore(name: str, sampler: Sampler) -> dict[str, Any] | None:
+        st = phase_state(name)
+        if st is not None:
+            sampler.rng.bit_generator.state = st["sampler_rng"]
+            torch.set_rng_state(st["torch_rng"])
+        return st
+
+    probe = None
+    if probe_dir is not None:
+        def probe() -> str:
+            return json.dumps({k: v for k, v in evaluate(model, ptok, probe_dir).items() if k in ("AP", "AP50", "AR")})
+
+    if base_dir is None and at <= PHASES.index("base"):
         torch.manual_seed(cfg.seed)
-        model = PoseLLM(mcfg, attn_implementation="eager" if cfg.pointer_weight > 0 else "sdpa")
+        model = PoseLLM(mcfg, attn_implementation="sdpa")
         if cfg.llm_init_std > 0:
             with torch.no_grad():
                 for module in model.llm.modules():
                     if isinstance(module, (torch.nn.Linear, torch.nn.Embedding)):
                         module.weight.normal_(0.0, cfg.llm_init_std)
-        if cfg.vision.steps > 0:  # stand-in for DINOv2 pretraining: a dense keypoint objective on the ViT alone
+        heads = torch.nn.ModuleList([torch.nn.Linear(cfg.vit_dim, 17), torch.nn.Linear(cfg.vit_dim, 2)])
+        if state is not None:
+            model.load_state_dict(state["model"])
+            heads.load_state_dict(state["heads"])
+        if cfg.vision.steps > 0 and at == 0:  # stand-in for DINOv2 pretraining: a dense keypoint objective
             t = time.perf_counter()
-            heads = torch.nn.ModuleList([torch.nn.Linear(cfg.vit_dim, 17), torch.nn.Linear(cfg.vit_dim, 2)])
             sampler = Sampler(data, builder, aug, CLIP_MEAN, CLIP_STD, cfg.seed + 2)
-            train_phase(torch.nn.ModuleList([model.vision_model, heads]),
-                        heatmap_loss(model, heads, sampler, cfg.vision_batch_size), cfg.vision, cfg, log, "vision")
-            summary["vision_minutes"] = round((time.perf_counter() - t) / 60, 2)
+            st = restore("vision", sampler)
+            vprobe = None
+            if probe_dir is not None:
+                probe_set = Sampler(PersonSet(probe_dir), builder, None, CLIP_MEAN, CLIP_STD, cfg.probe_seed)
+                vprobe = heatmap_probe(model, heads, probe_set.heatmap_batch(64, cfg.patch_size))
+            both = torch.nn.ModuleList([model.vision_model, heads])
+            train_phase(both, heatmap_loss(model, heads, sampler, cfg.vision_batch_size), cfg.vision, cfg, log,
+                        "vision", st, saver("vision", model, heads, sampler), vprobe)
+            summary["vision_minutes"] = round(summary.get("vision_minutes", 0) + (time.perf_counter() - t) / 60, 2)
+            saver("base", model, heads, sampler)(None)
+            state = None
         t = time.perf_counter()
         sampler = Sampler(data, builder, aug, CLIP_MEAN, CLIP_STD, cfg.seed)
-        train_phase(model, lm_loss(model, sampler, cfg, cfg.pointer_weight), cfg.base, cfg, log, "base")
-        summary["base_minutes"] = round((time.perf_counter() - t) / 60, 2)
+        st = restore("base", sampler)
+        train_phase(model, lm_loss(model, sampler, cfg, cfg.pointer_weight, heads, cfg.heatmap_weight), cfg.base,
+                    cfg, log, "base", st, saver("base", model, heads, sampler), probe)
+        summary["base_minutes"] = round(summary.get("base_minutes", 0) + (time.perf_counter() - t) / 60, 2)
         base_dir = save_native(model, work / "base", tok_dir, overwrite=True)
-        summary["base_val"] = evaluate(model, ptok, val_dir)
-        log(f"base val: {summary['base_val']}")
-    else:
-        log(f"base: loaded from {base_dir}")
-        model = load_checkpoint(base_dir)
-    model = enable_lora(model, cfg)
+        saver("finetune", model, None, sampler)(None)
+        state = None
+    elif base_dir is None:  # resuming inside the fine-tune: its base is in work/base
+        base_dir = work / "base"
+    log(f"fine-tune from the base checkpoint {base_dir}")
+    model = enable_lora(load_checkpoint(base_dir), cfg)
     t = time.perf_counter()
     sampler = Sampler(data, builder, aug, CLIP_MEAN, CLIP_STD, cfg.seed + 1)
-    train_phase(model, lm_loss(model, sampler, cfg), cfg.finetune, cfg, log, "finetune")
-    summary["finetune_minutes"] = round((time.perf_counter() - t) / 60, 2)
+    st = restore("finetune", sampler)
+    if st is not None:
+        model.load_state_dict(st["model"])
+    train_phase(model, lm_loss(model, sampler, cfg), cfg.finetune, cfg, log, "finetune", st,
+                saver("finetune", model, None, sampler), probe)
+    summary["finetune_minutes"] = round(summary.get("finetune_minutes", 0) + (time.perf_counter() - t) / 60, 2)
     model.eval()
     _save_into(model, out, tok_dir)
     summary["final_val"] = evaluate(load_checkpoint(out), ptok, val_dir)
@@ -351,8 +525,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", required=True, help="output model directory")
     ap.add_argument("--work", default="/tmp/posellm-train", help="scratch directory (base checkpoint)")
     ap.add_argument("--base", default=None, help="start the fine-tune from this base checkpoint (skip phase a)")
+    ap.add_argument("--resume", action="store_true", help="continue from WORKDIR/resume.pt if there is one")
     args = ap.parse_args(argv)
-    run(TrainConfig.load(args.config), Path(args.out), Path(args.work), Path(args.base) if args.base else None)
+    run(TrainConfig.load(args.config), Path(args.out), Path(args.work), Path(args.base) if args.base else None,
+        args.resume)
     return 0
 
 

@@ -8,9 +8,10 @@ except the answer tokens and their `</s>` (HF shifts labels inside the loss, so 
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -40,14 +41,16 @@ class Augment:
     flip_prob: float = 0.5
 
 
-def ensure_dataset(root: str | Path, num_images: int, seed: int) -> Path:
-    """A synthetic COCO set under root (generated once; regenerated if its recorded config differs)."""
-    cfg = SyntheticConfig(num_images=num_images, seed=seed)
-    out = Path(root) / f"synthetic-s{seed}-n{num_images}"
+def ensure_dataset(root: str | Path, num_images: int, seed: int, **domain) -> Path:
+    """A synthetic COCO set under root (generated once; regenerated if its recorded config differs). `domain`:
+    SyntheticConfig fields other than num_images/seed (background, occluder_prob, ...); defaults if empty."""
+    cfg = SyntheticConfig(num_images=num_images, seed=seed, **domain)
+    tag = "" if not domain else "-" + hashlib.sha1(json.dumps(asdict(cfg), sort_keys=True).encode()).hexdigest()[:8]
+    out = Path(root) / f"synthetic-s{seed}-n{num_images}{tag}"
     ann = out / ANNOTATION_FILE
     if ann.is_file():
         info = json.loads(ann.read_text()).get("info", {}).get("config", {})
-        if info.get("num_images") == num_images and info.get("seed") == seed:
+        if info == json.loads(json.dumps(asdict(cfg))):
             return out
     return generate_dataset(cfg, out)
 
@@ -167,11 +170,14 @@ class Sampler:
                 b = self.builder
                 return px, ids, labels, rounds, patch_targets(pts, vis, b.crop_size, b.patch)
 
-    def batch(self, size: int, pointer: bool = False) -> dict[str, torch.Tensor]:
+    def batch(self, size: int, pointer: bool = False, heat: bool = False) -> dict[str, torch.Tensor]:
         """A collated batch; pointer=True adds `pointer_rows` [P,2] (batch row, sequence row predicting an answer
-        token) and `pointer_target` [P, patches]: the keypoint's splat, as a target for attention on the image."""
+        token) and `pointer_target` [P, patches]: the keypoint's splat, as a target for attention on the image;
+        heat=True adds `heat_target` [B, 17, patches]: every keypoint's splat (zero rows where unlabelled)."""
         rows = [self.sample() for _ in range(size)]
         batch = collate(rows, self.builder.ptok.special.pad)
+        if heat:
+            batch["heat_target"] = torch.from_numpy(np.stack([row[4] for row in rows]))
         if pointer:
             index = [(b, first + j) for b, row in enumerate(rows) for first, _ in row[3] for j in range(14)]
             target = [row[4][k] for row in rows for _, k in row[3] for _ in range(14)]

@@ -18,7 +18,8 @@ mkdir -p "$OUT"
 start=$(date +%s)
 
 echo "== held-out synthetic val set (same generator and seed as the model's val set)"
-"$PY" -m posellm.data.synthetic --out "$OUT/val" --num-images "${VAL_IMAGES:-40}" --seed 2000
+"$PY" -m posellm.data.synthetic --out "$OUT/val" --num-images "${VAL_IMAGES:-40}" --seed 2000 \
+  --domain-of "$CKPT/train_config.json"
 ANN="$OUT/val/person_keypoints.json"
 IMAGES="$OUT/val/images"
 
@@ -32,16 +33,17 @@ echo "== quantize the decoder weight-only: int4 and int8 (GPTQ on person crops, 
 "$CLI" quantize "$OUT/bundle" --bits 4 --coco "$ANN" --images "$IMAGES" --samples 16 --checkpoint "$CKPT"
 "$CLI" quantize "$OUT/bundle" --bits 8 --coco "$ANN" --images "$IMAGES" --samples 16 --checkpoint "$CKPT"
 
-echo "== run on one image, with a drawing"
-read -r IMG BOX < <("$PY" - "$ANN" <<'PY'
+echo "== run on one image, with a drawing (the image with the largest person; every person of it drawn)"
+mapfile -t RUN_ARGS < <("$PY" - "$ANN" "$IMAGES" <<'PY'
 import json, sys
 d = json.load(open(sys.argv[1]))
-a = d["annotations"][0]
-f = next(i["file_name"] for i in d["images"] if i["id"] == a["image_id"])
-print(f, ",".join(f"{v:.1f}" for v in a["bbox"]))
+a = max(d["annotations"], key=lambda a: a["area"])
+print("--image"); print(sys.argv[2] + "/" + next(i["file_name"] for i in d["images"] if i["id"] == a["image_id"]))
+for b in (b for b in d["annotations"] if b["image_id"] == a["image_id"]):
+    print("--box"); print(",".join(f"{v:.1f}" for v in b["bbox"]))
 PY
 )
-"$CLI" run "$OUT/bundle" --image "$IMAGES/$IMG" --box "$BOX" --draw "$OUT/sample.png" --json "$OUT/sample.json"
+"$CLI" run "$OUT/bundle" "${RUN_ARGS[@]}" --draw "$OUT/sample.png" --json "$OUT/sample.json"
 
 echo "== eval: reference vs every variant (fp32, fp16, int8, int4, int8wo × free, template)"
 "$CLI" eval --checkpoint "$CKPT" --bundle "$OUT/bundle" --coco "$ANN" --images "$IMAGES" --out "$OUT/eval.json"

@@ -31,6 +31,11 @@ ANNOTATION_FILE = "person_keypoints.json"
 CATEGORY = {"id": 1, "name": "person", "supercategory": "person",
             "keypoints": list(KEYPOINT_NAMES), "skeleton": [list(e) for e in SKELETON]}
 OCCLUDER_LABEL = 255
+# 'plain': a noisy two-colour gradient only (no shapes, stripes or photos) — the low-clutter domain of the
+# shipped small model; 'texture' adds shapes/stripes/colour noise, 'photo' sample photos, 'mixed' both.
+BACKGROUNDS = ("texture", "photo", "mixed", "plain")
+# The SyntheticConfig fields a training config may set (posellm.train.TrainConfig.domain); same names as the flags.
+DOMAIN_KEYS = ("background", "occluder_prob", "truncation_prob", "max_persons")
 
 
 @dataclass(frozen=True)
@@ -43,14 +48,14 @@ class SyntheticConfig:
     max_persons: int = 3
     occluder_prob: float = 0.3                      # per person
     truncation_prob: float = 0.15                   # per person: may stick out of the image
-    background: str = "mixed"                       # 'texture' | 'photo' | 'mixed'
+    background: str = "mixed"                       # 'texture' | 'photo' | 'mixed' | 'plain'
     jpeg_quality: int = 92
 
     def __post_init__(self):
         if self.num_images < 0 or not 1 <= self.min_persons <= self.max_persons <= 12:
             raise ValueError("need num_images >= 0 and 1 <= min_persons <= max_persons <= 12")
-        if self.background not in ("texture", "photo", "mixed"):
-            raise ValueError(f"background must be texture, photo or mixed, not {self.background!r}")
+        if self.background not in BACKGROUNDS:
+            raise ValueError(f"background must be one of {', '.join(BACKGROUNDS)}, not {self.background!r}")
         if min(self.image_size) < 64 or (self.max_image_size and min(self.max_image_size) < 64):
             raise ValueError("images must be at least 64x64")
 
@@ -90,8 +95,8 @@ def _rand_colour(rng, lo=0, hi=256):
     return tuple(int(v) for v in rng.integers(lo, hi, 3))
 
 
-def _texture(rng, w: int, h: int) -> Image.Image:
-    kind = rng.integers(4)
+def _texture(rng, w: int, h: int, plain: bool = False) -> Image.Image:
+    kind = 1 if plain else rng.integers(4)
     if kind == 0:  # smooth colour noise with a finer layer
         g = rng.integers(2, 9)
         f = int(rng.integers(12, 40))
@@ -140,6 +145,8 @@ def _photo(rng, w: int, h: int) -> Image.Image:
 
 
 def _background(rng, cfg: SyntheticConfig, w: int, h: int) -> Image.Image:
+    if cfg.background == "plain":
+        return _texture(rng, w, h, plain=True)
     use_photo = cfg.background == "photo" or (cfg.background == "mixed" and rng.random() < 0.5)
     return _photo(rng, w, h) if use_photo and _photos() else _texture(rng, w, h)
 
@@ -323,13 +330,23 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--min-persons", type=int, default=1)
     ap.add_argument("--max-persons", type=int, default=3)
     ap.add_argument("--occluder-prob", type=float, default=0.3)
-    ap.add_argument("--background", choices=("texture", "photo", "mixed"), default="mixed")
+    ap.add_argument("--truncation-prob", type=float, default=0.15)
+    ap.add_argument("--background", choices=BACKGROUNDS, default="mixed")
     ap.add_argument("--preview", default=None, help="also write a contact sheet PNG here")
+    ap.add_argument("--domain-of", default=None, metavar="TRAIN_CONFIG_JSON",
+                    help="take background / occluder / truncation / max-persons from a posellm.train config "
+                         "(e.g. a model's train_config.json), so a val set has its training domain")
     args = ap.parse_args(argv)
+    if args.domain_of:
+        train_cfg = json.loads(Path(args.domain_of).read_text())
+        for key in DOMAIN_KEYS:
+            if key in train_cfg:
+                setattr(args, key, train_cfg[key])
     cfg = SyntheticConfig(num_images=args.num_images, seed=args.seed, image_size=tuple(args.image_size),
                           max_image_size=tuple(args.max_image_size) if args.max_image_size else None,
                           min_persons=args.min_persons, max_persons=args.max_persons,
-                          occluder_prob=args.occluder_prob, background=args.background)
+                          occluder_prob=args.occluder_prob, truncation_prob=args.truncation_prob,
+                          background=args.background)
     t0 = time.perf_counter()
     out = generate_dataset(cfg, args.out)
     dt = time.perf_counter() - t0

@@ -1,15 +1,22 @@
 """The model that ships in models/posellm-small: a real base + LoRA checkpoint within the 10 MB budget, with its own
-tokenizer, trained (adapters moved off their zero init), and answering in the PoseLLM grammar."""
+tokenizer, trained (adapters moved off their zero init), answering in the PoseLLM grammar, and localising: through
+the exported fp32 bundle and the torch-free runtime it scores AP >= 40 on a fixed slice of its val set."""
 from __future__ import annotations
 
 from pathlib import Path
 
 import numpy as np
+import pytest
 
+from benchmarks.coco_metrics import coco_keypoint_metrics
+from exporter.bundle import ExportConfig, export_bundle
 from posellm.checkpoint import load_checkpoint
-from posellm.data.synthetic import SyntheticConfig, render_image
+from posellm.data.synthetic import ANNOTATION_FILE, SyntheticConfig, generate_dataset, render_image
 from posellm.reference import ReferenceEstimator
 from posellm.train import TrainConfig
+from runtime.coco import read_coco_persons
+from runtime.estimator import Estimator, EstimatorConfig
+from runtime.preprocess import load_image
 from runtime.prompts import PromptTokenizer
 
 MODEL = Path(__file__).resolve().parents[2] / "models" / "posellm-small"
@@ -32,9 +39,39 @@ def test_shipped_model_is_base_plus_trained_lora_within_budget():
 def test_shipped_model_answers_in_the_posellm_grammar():
     model = load_checkpoint(MODEL)
     est = ReferenceEstimator(model, PromptTokenizer.from_file(str(MODEL / "tokenizer.json")))
-    image, persons = render_image(SyntheticConfig(num_images=1, seed=2000), 0)
+    cfg = TrainConfig.load(MODEL / "train_config.json")
+    image, persons = render_image(SyntheticConfig(num_images=1, seed=cfg.val_seed, **cfg.domain()), 0)
     results = est.estimate(np.asarray(image), [p["bbox"] for p in persons[:1]])
     answers = results[0].answers
     print("answers:", answers)
     well_formed = [flag == "" for flag in results[0].flags]
     assert sum(well_formed) >= 15, f"{17 - sum(well_formed)} of 17 answers malformed: {results[0].flags}"
+
+
+GUARD_IMAGES = 6  # the first images of the model's val set (its seed and domain): ~10 persons, seconds on a CPU
+GUARD_MIN_AP = 40.0
+
+
+@pytest.mark.xfail(strict=True, reason="issue #12 still open: the shipped model does not localise yet (val AP 0.14, "
+                   "see models/posellm-small/README.md); strict, so the test fails as soon as a model that reaches "
+                   "AP 40 ships and this marker has to go")
+def test_shipped_model_localises_through_the_fp32_bundle(tmp_path):
+    """Export (fp32) → torch-free runtime (template decoding) → pycocotools AP on GT boxes >= 40: a preprocessing,
+    back-projection or decoding bug cannot hide behind a model that cannot see (the full 40-image val AP is in
+    benchmarks/results/cpu-small-eval.md)."""
+    cfg = TrainConfig.load(MODEL / "train_config.json")
+    val = generate_dataset(SyntheticConfig(num_images=GUARD_IMAGES, seed=cfg.val_seed, **cfg.domain()),
+                           tmp_path / "val")
+    bundle = export_bundle(ExportConfig(MODEL, tmp_path / "bundle", precisions=("fp32",), max_persons=4,
+                                        validate=False), log=lambda msg: None).bundle
+    estimator = Estimator(bundle, EstimatorConfig(precision="fp32", decoding="template", threads=1))
+    predictions, by_image = [], {}
+    for rec in read_coco_persons(val / ANNOTATION_FILE):
+        by_image.setdefault(rec.image_id, []).append(rec)
+    for image_id, records in by_image.items():
+        image = load_image(val / "images" / records[0].file_name)
+        predictions += [r.to_coco(image_id) for r in estimator.estimate_records(image, records)]
+    metrics = coco_keypoint_metrics(val / ANNOTATION_FILE, predictions)
+    print(f"{len(predictions)} persons on {len(by_image)} val images: {metrics}")
+    assert len(predictions) == sum(len(r) for r in by_image.values())
+    assert metrics["AP"] >= GUARD_MIN_AP, metrics

@@ -139,3 +139,55 @@ def test_cli_ships_lora_checkpoint(tmp_path):
     assert model.has_lora() and any("lora_B" in k for k in model.state_dict())
     log = (out / "train_log.txt").read_text()
     assert "vision step" in log and "ce " in log and "finetune step" in log and "final val" in log
+
+
+def test_resumed_phase_continues_exactly(ptok, people):
+    """A phase resumed from a mid-phase save (model, optimizer, sampler rng, step) repeats the uninterrupted
+    run's remaining losses (tolerance 1e-6)."""
+    import copy
+    from posellm.model import PoseLLM
+    cfg = TrainConfig.from_dict({**TINY, "base": {"steps": 6, "lr": 3e-3}, "checkpoint_minutes": 0.0})
+
+    def fresh():
+        torch.manual_seed(0)
+        model = PoseLLM(cfg.model_config(ptok.tokenizer.get_vocab_size(), ptok.special.image, lora=False), "sdpa")
+        builder = SequenceBuilder(ptok, model.cfg.num_patches, cfg.crop_size)
+        return model, Sampler(people, builder, Augment(), CLIP_MEAN, CLIP_STD, 0)
+
+    model, sampler = fresh()
+    saved: dict = {}
+
+    def save(progress):
+        if progress["step"] == 3:
+            saved.update(copy.deepcopy(progress), model=copy.deepcopy(model.state_dict()),
+                         rng=copy.deepcopy(sampler.rng.bit_generator.state))
+    full = train_phase(model, lm_loss(model, sampler, cfg), cfg.base, cfg, lambda msg: None, "t", save=save)
+    model2, sampler2 = fresh()
+    model2.load_state_dict(saved["model"])
+    sampler2.rng.bit_generator.state = saved["rng"]
+    rest = train_phase(model2, lm_loss(model2, sampler2, cfg), cfg.base, cfg, lambda msg: None, "t", resume=saved)
+    print("uninterrupted", full[3:], "resumed", rest)
+    assert np.allclose(rest, full[3:], rtol=0, atol=1e-6)
+
+
+def test_pointer_probe_equals_eager_attention(ptok, people):
+    """PointerProbe's one-head recomputation = head 0 of the layer's eager attention probabilities (max diff
+    printed, tolerance 1e-6) at every supervised row."""
+    from posellm.model import PoseLLM
+    from posellm.train import PointerProbe
+    cfg = TrainConfig.from_dict({**TINY, "llm_layers": 2})
+    torch.manual_seed(0)
+    model = PoseLLM(cfg.model_config(ptok.tokenizer.get_vocab_size(), ptok.special.image, lora=False), "eager")
+    probe = PointerProbe(model.llm.model.layers[1].self_attn)
+    builder = SequenceBuilder(ptok, model.cfg.num_patches, cfg.crop_size)
+    batch = Sampler(people, builder, Augment(), CLIP_MEAN, CLIP_STD, 4).batch(3, pointer=True)
+    mask, rows = batch["attention_mask"], batch["pointer_rows"]
+    with torch.no_grad():
+        out = model.llm(inputs_embeds=model.embed(batch["input_ids"], model.encode_image(batch["pixel_values"])),
+                        attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0), use_cache=False,
+                        output_attentions=True)
+        ref = out.attentions[1][rows[:, 0], 0, rows[:, 1]]
+        got = probe.attention(rows)
+    diff = float((ref - got).abs().max())
+    print(f"pointer attention max|diff| {diff:.2e}")
+    assert diff <= 1e-6
