@@ -46,13 +46,9 @@ def rope_inv_freq(head_dim: int, theta: float) -> torch.Tensor:
 
 
 # -- reading ------------------------------------------------------------------------------------------------------
-def read_weights(root: Path) -> dict[str, torch.Tensor]:
-    """All tensors of a (possibly sharded) `model*.safetensors` or `pytorch_model*.bin` checkpoint."""
-    def load(file: Path) -> dict[str, torch.Tensor]:
-        if file.suffix == ".safetensors":
-            return load_file(str(file))
-        return torch.load(file, map_location="cpu", weights_only=True)  # never unpickle arbitrary objects
-
+def weight_files(root: Path) -> list[Path]:
+    """The weight files of a (possibly sharded) `model*.safetensors` or `pytorch_model*.bin` checkpoint, in index
+    order; every name checked to stay inside `root`."""
     for index_name, pattern in (("model.safetensors.index.json", "model*.safetensors"),
                                 ("pytorch_model.bin.index.json", "pytorch_model*.bin")):
         index = root / index_name
@@ -65,20 +61,27 @@ def read_weights(root: Path) -> dict[str, torch.Tensor]:
             absent = [f.name for f in files if not f.is_file()]
             if absent:
                 raise CheckpointError(f"{index}: shard files missing: {absent}")
-        else:
-            files = [_inside(root, f.name, f"{root}") for f in sorted(root.glob(pattern))]  # a symlink out fails
-            if not files:
-                continue
-        state: dict[str, torch.Tensor] = {}
-        for file in files:
-            shard = load(file)
-            dup = sorted(set(shard) & set(state))
-            if dup:
-                raise CheckpointError(f"{file}: tensors already in another shard: {dup[:10]}")
-            state.update(shard)
-        return state
+            return files
+        files = [_inside(root, f.name, f"{root}") for f in sorted(root.glob(pattern))]  # a symlink out fails
+        if files:
+            return files
     raise CheckpointError(f"{root}: no weights: expected model*.safetensors or pytorch_model*.bin "
                           f"(sharded with their .index.json)")
+
+
+def read_weights(root: Path) -> dict[str, torch.Tensor]:
+    """All tensors of a (possibly sharded) `model*.safetensors` or `pytorch_model*.bin` checkpoint."""
+    state: dict[str, torch.Tensor] = {}
+    for file in weight_files(root):
+        if file.suffix == ".safetensors":
+            shard = load_file(str(file))
+        else:
+            shard = torch.load(file, map_location="cpu", weights_only=True)  # never unpickle arbitrary objects
+        dup = sorted(set(shard) & set(state))
+        if dup:
+            raise CheckpointError(f"{file}: tensors already in another shard: {dup[:10]}")
+        state.update(shard)
+    return state
 
 
 def _inside(root: Path, name: object, where: str) -> Path:

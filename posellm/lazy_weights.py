@@ -1,0 +1,224 @@
+"""Checkpoint weights read one tensor at a time, LoRA merged per weight: what a bounded-memory export reads.
+
+`load_checkpoint` builds the whole model in memory (fp32: 28 GB for a 7B). `open_weights` instead indexes the
+checkpoint's files (safetensors headers; `.bin` shards opened with `torch.load(mmap=True)`, which maps the zip
+without reading it) and serves each merged tensor on request: the file is opened, the one tensor (and its LoRA
+factors) copied out, the file closed again, so neither a whole shard nor an fp32 copy of the model is ever resident.
+The strictness is the eager readers': the same CheckpointError lists every missing, unexpected or mis-shaped
+tensor before anything is read. PEFT adapter directories fall back to the eager path (peft's merge needs the
+model); that path is bounded by the model's fp32 size, not the bundle's.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from .checkpoint import (NATIVE_CONFIG, NATIVE_FORMAT, NATIVE_FORMAT_VERSION, NATIVE_WEIGHTS, CheckpointError,
+                         _kind, check_state, load_checkpoint, read_json)
+from .config import ConfigError, PoseLLMConfig
+from .lora import merged_weight
+from .model import PoseLLM
+from .vision import merge_qkv_lora
+
+_LLM_LORA = re.compile(r"^(llm\.model\.layers\.\d+\.self_attn\.[qkvo]_proj)\.weight$")
+_VIT_QKV = re.compile(r"^(vision_model\.blocks\.\d+\.attn)\.qkv\.weight$")
+
+
+def merged_config(cfg: PoseLLMConfig) -> PoseLLMConfig:
+    """The config of the model after every adapter is folded in (what the bundle describes)."""
+    return cfg.replace(lora=dataclasses.replace(cfg.lora, llm_enable=False, vision_enable=False))
+
+
+def expected_shapes(cfg: PoseLLMConfig) -> dict[str, torch.Tensor]:
+    """Name → meta tensor of every tensor a checkpoint for `cfg` holds (no memory: built on the meta device)."""
+    with torch.device("meta"):
+        return dict(PoseLLM(cfg).state_dict())
+
+
+class WeightSource:
+    """Merged fp32 tensors of a PoseLLM by our state-dict names (those of `PoseLLM(cfg)`, `cfg` merged)."""
+
+    cfg: PoseLLMConfig
+
+    def get(self, name: str) -> torch.Tensor:
+        raise NotImplementedError
+
+    def stored_dtypes(self) -> set[torch.dtype]:
+        raise NotImplementedError
+
+
+class _Entry:
+    __slots__ = ("file", "key")
+
+    def __init__(self, file: Path, key: str) -> None:
+        self.file, self.key = file, key
+
+
+def _read(file: Path, keys: Iterable[str]) -> dict[str, torch.Tensor]:
+    """Copy `keys` out of one weight file, then close it (no mapping or shard outlives the call)."""
+    keys = list(keys)
+    if file.suffix == ".safetensors":
+        with safe_open(str(file), framework="pt") as f:
+            return {k: f.get_tensor(k).clone() for k in keys}
+    try:  # zipfile-format .bin (torch >= 1.6 save): mapped, only the requested storages are paged in
+        shard = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError:  # legacy (pre-zipfile) pickle: no mmap possible; this reads the whole shard once
+        shard = torch.load(file, map_location="cpu", weights_only=True)
+    out = {k: shard[k].clone() for k in keys}
+    del shard
+    return out
+
+
+def _headers(file: Path) -> dict[str, torch.Tensor]:
+    """Key → meta tensor (shape, dtype) of every tensor in one file, without reading the data."""
+    if file.suffix == ".safetensors":
+        dtypes = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                  "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                  "BOOL": torch.bool}
+        with safe_open(str(file), framework="pt") as f:
+            out = {}
+            for k in f.keys():
+                s = f.get_slice(k)
+                out[k] = torch.empty(s.get_shape(), dtype=dtypes.get(s.get_dtype(), torch.float32), device="meta")
+            return out
+    try:
+        shard = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError:
+        shard = torch.load(file, map_location="cpu", weights_only=True)
+    out = {k: torch.empty(v.shape, dtype=v.dtype, device="meta") for k, v in shard.items()}
+    del shard
+    return out
+
+
+class LazyCheckpoint(WeightSource):
+    """Native or LocLLM-format checkpoint; `get` reads one merged tensor (plus its LoRA factors) at a time."""
+
+    def __init__(self, cfg: PoseLLMConfig, entries: dict[str, _Entry], headers: dict[str, torch.Tensor]) -> None:
+        self.source_cfg = cfg
+        self.cfg = merged_config(cfg)
+        self._entries = entries
+        self._headers = headers
+        self.names = list(expected_shapes(self.cfg))
+
+    def stored_dtypes(self) -> set[torch.dtype]:
+        return {t.dtype for t in self._headers.values() if t.is_floating_point()}
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._headers[name].shape)
+
+    def _raw(self, names: list[str]) -> dict[str, torch.Tensor]:
+        by_file: dict[Path, list[str]] = {}
+        for n in names:
+            by_file.setdefault(self._entries[n].file, []).append(n)
+        out: dict[str, torch.Tensor] = {}
+        for file, ours in by_file.items():
+            got = _read(file, [self._entries[n].key for n in ours])
+            out.update({n: got[self._entries[n].key] for n in ours})
+        return out
+
+    def get(self, name: str) -> torch.Tensor:
+        if name not in self._headers or "lora_" in name:
+            raise KeyError(f"{name}: not a tensor of the merged model")
+        lora = self.source_cfg.lora
+        m = _LLM_LORA.match(name)
+        if m and f"{m.group(1)}.lora_A" in self._headers:
+            a, b = f"{m.group(1)}.lora_A", f"{m.group(1)}.lora_B"
+            t = self._raw([name, a, b])
+            return merged_weight(t[name].float(), t[a], t[b], lora.llm_alpha / lora.llm_r)
+        m = _VIT_QKV.match(name)
+        if m and f"{m.group(1)}.lora_A_q" in self._headers:
+            keys = [name] + [f"{m.group(1)}.lora_{x}" for x in ("A_q", "B_q", "A_v", "B_v")]
+            t = self._raw(keys)
+            return merge_qkv_lora(t[name].float(), *(t[k] for k in keys[1:]),
+                                  lora.vision_alpha / lora.vision_r)
+        value = self._raw([name])[name]
+        return value.float() if value.is_floating_point() else value
+
+
+class InMemoryWeights(WeightSource):
+    """A merged in-memory model as a WeightSource (PEFT adapters, tests)."""
+
+    def __init__(self, model: PoseLLM) -> None:
+        if model.has_lora():
+            model.merge_lora()
+        self.cfg = model.cfg
+        self._state = model.state_dict()
+
+    def get(self, name: str) -> torch.Tensor:
+        t = self._state[name]
+        return t.float() if t.is_floating_point() else t
+
+    def stored_dtypes(self) -> set[torch.dtype]:
+        return {t.dtype for t in self._state.values() if t.is_floating_point()}
+
+
+def _native(root: Path) -> LazyCheckpoint:
+    data = read_json(root / NATIVE_CONFIG)
+    fmt, version = data.pop("format", None), data.pop("format_version", None)
+    if fmt != NATIVE_FORMAT or version != NATIVE_FORMAT_VERSION:
+        raise CheckpointError(f"{root / NATIVE_CONFIG}: format={fmt!r} format_version={version!r}; expected "
+                              f"{NATIVE_FORMAT!r} version {NATIVE_FORMAT_VERSION}")
+    try:
+        cfg = PoseLLMConfig.from_dict(data)
+    except (ConfigError, TypeError) as e:
+        raise CheckpointError(f"{root / NATIVE_CONFIG}: {e}") from e
+    file = root / NATIVE_WEIGHTS
+    if not file.is_file():
+        raise CheckpointError(f"{root}: missing {NATIVE_WEIGHTS}")
+    headers = _headers(file)
+    check_state(expected_shapes(cfg), headers, str(root))
+    return LazyCheckpoint(cfg, {k: _Entry(file, k) for k in headers}, headers)
+
+
+def _locllm(root: Path) -> LazyCheckpoint:
+    from .checkpoint_locllm import (LOCLLM_CONFIG, _check_model_type, _INV_FREQ, _LAYER_SCALE_ALIAS,
+                                    config_from_locllm, rope_inv_freq, to_locllm, to_ours, weight_files)
+    config = read_json(root / LOCLLM_CONFIG)
+    _check_model_type(config, root / LOCLLM_CONFIG)
+    raw: dict[str, torch.Tensor] = {}
+    where: dict[str, Path] = {}
+    for file in weight_files(root):
+        shard = _headers(file)
+        dup = sorted(set(shard) & set(raw))
+        if dup:
+            raise CheckpointError(f"{file}: tensors already in another shard: {dup[:10]}")
+        raw.update(shard)
+        where.update(dict.fromkeys(shard, file))
+    cfg = config_from_locllm(config, raw, root)
+    expected_freq = rope_inv_freq(cfg.llm.head_dim, cfg.llm.rope_theta)
+    headers: dict[str, torch.Tensor] = {}
+    entries: dict[str, _Entry] = {}
+    problems: list[str] = []
+    for key, meta in raw.items():
+        if _INV_FREQ.match(key):  # derivable RoPE buffers (transformers 4.31): check the values, then drop
+            value = _read(where[key], [key])[key]
+            want = expected_freq.to(value.dtype).float()
+            rtol = max(1e-4, 2 * torch.finfo(value.dtype).eps) if value.is_floating_point() else 1e-4
+            if value.shape != want.shape or not torch.allclose(value.float(), want, rtol=rtol, atol=0.0):
+                problems.append(f"mismatched: {key} {list(value.shape)} is not RoPE inv_freq for head_dim "
+                                f"{cfg.llm.head_dim}, rope_theta {cfg.llm.rope_theta}")
+            continue
+        ours = key
+        alias = _LAYER_SCALE_ALIAS.match(key)
+        if alias:  # LayerScale spelled `.weight`: `.gamma` wins when both are present
+            if f"{alias.group(1)}.gamma" in raw:
+                continue
+            ours = f"{alias.group(1)}.gamma"
+        headers[to_ours(ours)] = meta
+        entries[to_ours(ours)] = _Entry(where[key], key)
+    check_state(expected_shapes(cfg), headers, str(root), problems, display=to_locllm)
+    return LazyCheckpoint(cfg, entries, headers)
+
+
+def open_weights(path: str | Path) -> WeightSource:
+    """Native or LocLLM directory → LazyCheckpoint (a bundled `adapter/` or a PEFT adapter → the eager path)."""
+    root = Path(path)
+    kind = _kind(root)
+    if kind in ("native", "locllm") and not (root / "adapter" / "adapter_config.json").is_file():
+        return _native(root) if kind == "native" else _locllm(root)
+    return InMemoryWeights(load_checkpoint(root))  # raises the usual CheckpointError for unknown directories
