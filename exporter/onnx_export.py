@@ -6,8 +6,6 @@ a 7B decoder without the memory overhead of torch.export's FX tracing.
 """
 from __future__ import annotations
 
-import shutil
-import warnings
 from pathlib import Path
 
 import onnx
@@ -17,33 +15,25 @@ import torch
 from runtime.manifest import GraphSpec, TensorSpec
 
 from .graphs import DecoderGraph, VisionGraph, decoder_io_names
+from .streamed import PlaceholderModel, export_streamed
 
 OPSET = 17  # LayerNormalization is native from 17; TensorRT 10 parses opsets 9–20+
 EXTERNAL_DATA_THRESHOLD = 1 << 30  # beyond ~1 GB of weights the graph keeps them in one `.data` file (2 GB cap)
-_NP = {torch.float32: "float32", torch.float16: "float16", torch.int64: "int64"}
 
 
-def _export(module: torch.nn.Module, args: tuple, path: Path, inputs: list[str], outputs: list[str],
-            dynamic_axes: dict[str, dict[int, str]]) -> None:
-    # Export into a scratch folder: above 2 GB torch writes one file per tensor, which we then gather.
-    scratch = path.parent / f".{path.stem}.scratch"
-    scratch.mkdir()
+def _export(module: torch.nn.Module, placeholders: PlaceholderModel, args: tuple, path: Path, inputs: list[str],
+            outputs: list[str], dynamic_axes: dict[str, dict[int, str]]) -> None:
+    """Graph traced over placeholder weights; the real weights streamed into `<graph>.data` (exporter/streamed.py).
+    Below ~1 GB of weights the graph keeps them inline (one file)."""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # TorchScript-exporter deprecation, tracer shape-arithmetic notes
-            torch.onnx.export(module, args, str(scratch / path.name), input_names=inputs, output_names=outputs,
-                              dynamic_axes=dynamic_axes, opset_version=OPSET, do_constant_folding=True,
-                              dynamo=False)
-        model = onnx.load(str(scratch / path.name), load_external_data=True)
+        model = export_streamed(module, placeholders, args, path, inputs, outputs, dynamic_axes, OPSET,
+                                EXTERNAL_DATA_THRESHOLD)
         literal_zero_reshapes(model)
-        size = sum(t.ByteSize() for t in model.graph.initializer)
-        if size < EXTERNAL_DATA_THRESHOLD:
-            onnx.save_model(model, str(path))
-        else:  # one `<graph>.data` file beside the graph
-            onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                            location=path.name + ".data", size_threshold=1024)
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+        onnx.save_model(model, str(path))  # the graph; its external weights are already in place
+    except BaseException:
+        path.unlink(missing_ok=True)
+        (path.parent / (path.name + ".data")).unlink(missing_ok=True)
+        raise
 
 
 def literal_zero_reshapes(model: onnx.ModelProto) -> None:
@@ -84,14 +74,15 @@ def graph_spec(path: Path, dynamic_ranges: dict[str, tuple[int, int]]) -> GraphS
                      external_data=(ext,) if (path.parent / ext).exists() else ())
 
 
-def export_vision(graph: VisionGraph, path: Path, crop_size: int, max_batch: int) -> GraphSpec:
+def export_vision(graph: VisionGraph, placeholders: PlaceholderModel, path: Path, crop_size: int,
+                  max_batch: int) -> GraphSpec:
     dummy = torch.randn(2, 3, crop_size, crop_size)
-    _export(graph, (dummy,), path, ["pixel_values"], ["image_embeds"],
+    _export(graph, placeholders, (dummy,), path, ["pixel_values"], ["image_embeds"],
             {"pixel_values": {0: "batch"}, "image_embeds": {0: "batch"}})
     return graph_spec(path, {"batch": (1, max_batch)})
 
 
-def export_decoder(graph: DecoderGraph, path: Path, dtype: torch.dtype, hidden: int, kv_heads: int,
+def export_decoder(graph: DecoderGraph, placeholders: PlaceholderModel, path: Path, dtype: torch.dtype, hidden: int, kv_heads: int,
                    head_dim: int, num_layers: int, max_persons: int, max_batch: int, max_seq: int, prefix_len: int,
                    max_context: int) -> GraphSpec:
     # Trace with 2 persons × 2 rows, 3 new tokens, a 6-token prefix and 5 past tokens: all distinct, all dynamic.
@@ -110,7 +101,7 @@ def export_decoder(graph: DecoderGraph, path: Path, dtype: torch.dtype, hidden: 
         axes[name] = {0: "persons", 2: "prefix"} if name.startswith("prefix_") else {0: "batch", 2: "past"}
     for name in outputs[4:]:
         axes[name] = {0: "batch", 2: "total"}
-    _export(graph, tuple(args), path, inputs, outputs, axes)
+    _export(graph, placeholders, tuple(args), path, inputs, outputs, axes)
     # The prefix is either absent (the prefix prefill itself) or exactly the model's prompt prefix + image tokens;
     # past/total count only the tokens after it (max_context counts everything).
     suffix_context = max_context - prefix_len

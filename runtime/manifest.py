@@ -48,6 +48,17 @@ class EngineSpec:
 
 
 @dataclass(frozen=True)
+class ExportStats:
+    """How this variant was exported: its bytes on disk and the export process's peak resident memory while it was
+    written (and validated), so a user can size the machine before exporting a bigger checkpoint."""
+
+    bytes: int  # graphs + external data + embedding table
+    peak_rss_bytes: int  # the export process's peak RSS from the start of this variant to its end
+    export_seconds: float
+    validation_seconds: float | None  # None: exported with --skip-validate
+
+
+@dataclass(frozen=True)
 class Variant:
     precision: str  # fp32 | fp16 | int8
     vision: GraphSpec
@@ -55,6 +66,7 @@ class Variant:
     embedding: str  # .npy file of the LLM token embedding table, memory-mapped by the runtime
     calibration: dict[str, Any] | None = None  # int8 only: artifact file, method, samples, data hash, sha256
     engines: tuple[EngineSpec, ...] = ()
+    export: ExportStats | None = None  # absent in bundles from before issue 15 and in post-hoc variants
 
 
 @dataclass(frozen=True)
