@@ -24,7 +24,6 @@ import numpy as np
 import onnx
 import onnx.numpy_helper
 import torch
-from onnx.external_data_helper import set_external_data
 from torch import nn
 
 from posellm.lazy_weights import WeightSource
@@ -139,8 +138,9 @@ def export_streamed(module: nn.Module, placeholders: PlaceholderModel, args: tup
                 data.write(np.ascontiguousarray(array).data)
                 tensor = onnx.TensorProto(name=value.name, dims=array.shape,
                                           data_type=onnx.helper.np_dtype_to_tensor_dtype(array.dtype))
-                set_external_data(tensor, data_name, offset, array.nbytes)
                 tensor.data_location = onnx.TensorProto.EXTERNAL
+                for key, val in (("location", data_name), ("offset", offset), ("length", array.nbytes)):
+                    tensor.external_data.add(key=key, value=str(val))
             model.graph.initializer.append(tensor)
             del array
     for value in params:
