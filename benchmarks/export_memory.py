@@ -7,8 +7,8 @@ tokenizer) is written as LocLLM's trainer writes it: LLM base weights bf16, ViT 
 ru_maxrss), next to what the manifest records. From two layer counts: per-layer slopes and the 32-layer
 extrapolation (linear: a layer is the same bytes and work whatever its index), and the issue's targets checked.
 
-    python -m benchmarks.export_memory --tokenizer ../shared/fixtures/llama-tokenizer --layers 2 4 \\
-        --precisions fp32 fp16 --out benchmarks/results/cpu-fullwidth-export.json
+    python -m benchmarks.export_memory --tokenizer ../shared/fixtures/llama-tokenizer \\
+        --runs 2:fp16:on 2:fp32:off 4:fp16:on --out benchmarks/results/cpu-fullwidth-export.json
 """
 from __future__ import annotations
 
@@ -42,8 +42,10 @@ MACHINE_GB = 32
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--tokenizer", required=True, type=Path, help="dir with tokenizer.json (LLaMA's, 32000 ids)")
-    p.add_argument("--layers", type=int, nargs="+", default=[2, 4])
-    p.add_argument("--precisions", nargs="+", default=["fp32", "fp16"])
+    p.add_argument("--runs", nargs="+", default=[f"{n}:{p}:{v}" for n in (2, 4) for p in ("fp32", "fp16")
+                                                 for v in ("on", "off")],
+                   help="LAYERS:PRECISION:VALIDATE(on|off) per export, in order (default: all 8 combinations "
+                        "of 2/4 layers, fp32/fp16, validation on/off)")
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--work", type=Path, default=Path("/tmp/export_memory"))
     p.add_argument("--preset", default="posellm-7b")
@@ -162,23 +164,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                            "runs": []}
     write_json(a.out, res)
     try:
-        for layers in a.layers:
+        runs = [(int(n), p, v == "on") for n, p, v in (r.split(":") for r in a.runs)]
+        for layers in dict.fromkeys(n for n, _, _ in runs):  # one checkpoint per layer count, in order
             ckpt, bundle = a.work / f"ckpt-{layers}", a.work / "bundle"
             t0 = time.perf_counter()
             ckpt_bytes = write_checkpoint(ckpt, a.tokenizer, a.preset, layers)
             gc.collect()
             print(f"checkpoint {layers} layers: {ckpt_bytes / GB:.2f} GB in {time.perf_counter() - t0:.0f}s",
                   flush=True)
-            for precision in a.precisions:
-                for validate in (True, False):
-                    if free_gb() < a.min_free_gb:
-                        raise RuntimeError(f"only {free_gb():.1f} GB available (< {a.min_free_gb}): not starting")
-                    run = {"layers": layers, "checkpoint_gb": round(ckpt_bytes / GB, 3),
-                           **run_export(ckpt, bundle, precision, validate)}
-                    res["runs"].append(run)
-                    print(json.dumps(run), flush=True)
-                    shutil.rmtree(bundle, ignore_errors=True)
-                    write_json(a.out, res)
+            for precision, validate in [(p, v) for n, p, v in runs if n == layers]:
+                if free_gb() < a.min_free_gb:
+                    raise RuntimeError(f"only {free_gb():.1f} GB available (< {a.min_free_gb}): not starting")
+                run = {"layers": layers, "checkpoint_gb": round(ckpt_bytes / GB, 3),
+                       **run_export(ckpt, bundle, precision, validate)}
+                res["runs"].append(run)
+                print(json.dumps(run), flush=True)
+                shutil.rmtree(bundle, ignore_errors=True)
+                write_json(a.out, res)
             shutil.rmtree(ckpt, ignore_errors=True)
         res["per_layer"] = slopes(res["runs"])
         res["all_runs_meet_target"] = all(r["meets_target"] for r in res["runs"])

@@ -48,7 +48,9 @@ class PlaceholderModel:
             model = PoseLLM(source.cfg)
         self.by_storage: dict[int, Placeholder] = {}
         big = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Embedding))}
-        for name, meta in list(model.state_dict(keep_vars=True).items()):
+        metas = model.state_dict(keep_vars=True)
+        small = source.get_many(n for n in metas if n not in big)  # norms, biases, pos/patch embeddings: MBs
+        for name, meta in metas.items():
             owner, attr = _owner(model, name)
             if name in big:
                 row = torch.zeros(meta.shape[1], dtype=dtype)
@@ -56,7 +58,7 @@ class PlaceholderModel:
                 value = row.expand(meta.shape)
                 self.by_storage[row.untyped_storage().data_ptr()] = Placeholder(name, tuple(meta.shape))
             else:
-                value = source.get(name)
+                value = small.pop(name)
                 value = value.to(dtype) if value.is_floating_point() else value
             setattr(owner, attr, nn.Parameter(value, requires_grad=False))
         if len(self.by_storage) > 2048:
@@ -117,10 +119,13 @@ def export_streamed(module: nn.Module, placeholders: PlaceholderModel, args: tup
     (or kept inline when they total less than `external_threshold`). Returns the graph (weights external)."""
     with captured_parameters() as table, warnings.catch_warnings():
         warnings.simplefilter("ignore")  # TorchScript-exporter deprecation, tracer shape-arithmetic notes
+        # keep_initializers_as_inputs: skips torch's deduplication, which hashes every weight's full contents
+        # (a full-size copy of each placeholder); `_deduplicate` below does it on the real, small tensors.
         torch.onnx.export(module, args, str(path), input_names=inputs, output_names=outputs,
                           dynamic_axes=dynamic_axes, opset_version=opset, do_constant_folding=True,
-                          export_params=False, dynamo=False)
+                          export_params=False, keep_initializers_as_inputs=True, dynamo=False)
     model = onnx.load(str(path))  # graph only: the parameters are still graph inputs
+    _deduplicate(model, table, placeholders)
     params = [v for v in model.graph.input if v.name in table]
     total = sum(_nbytes(table[v.name], placeholders.dtype, placeholders) for v in params)
     external = total >= external_threshold
@@ -146,6 +151,27 @@ def export_streamed(module: nn.Module, placeholders: PlaceholderModel, args: tup
     for value in params:
         model.graph.input.remove(value)
     return model
+
+
+def _deduplicate(model: onnx.ModelProto, table: dict[str, torch.Tensor], placeholders: PlaceholderModel) -> None:
+    """Parameters with equal dtype, shape and bytes become Identity nodes of the first one, as torch's exporter
+    writes eval graphs (e.g. identical norm weights share one initializer). Placeholders are distinct by design."""
+    first: dict[tuple, str] = {}
+    rename: dict[str, str] = {}
+    for value in model.graph.input:
+        t = table.get(value.name)
+        if t is None or t.untyped_storage().data_ptr() in placeholders.by_storage:
+            continue
+        c = t.contiguous()
+        key = (str(c.dtype), tuple(c.shape), c.view(-1).view(torch.uint8).numpy().tobytes() if c.numel() else b"")
+        if key in first:
+            rename[value.name] = first[key]
+        else:
+            first[key] = value.name
+    for dup, kept in rename.items():  # as torch writes it: `dup = Identity(kept)` at the top of the graph
+        model.graph.node.insert(0, onnx.helper.make_node("Identity", [kept], [dup], name=f"Identity_{dup}"))
+    for value in [v for v in model.graph.input if v.name in rename]:
+        model.graph.input.remove(value)
 
 
 def _nbytes(folded: torch.Tensor, dtype: torch.dtype, placeholders: PlaceholderModel) -> int:

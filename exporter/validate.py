@@ -68,12 +68,16 @@ class _StreamedLayer(nn.Module):
         with torch.device("meta"):
             layer = LlamaDecoderLayer(self.config, self.index)
         prefix = f"llm.model.layers.{self.index}."
-        layer.load_state_dict({k: self.source.get(prefix + k) for k in layer.state_dict()}, assign=True)
+        names = list(layer.state_dict())
+        weights = self.source.get_many(prefix + k for k in names)
+        layer.load_state_dict({k: weights[prefix + k] for k in names}, assign=True)
         return layer.eval()(*args, **kwargs)
 
 
 def _materialize(module: nn.Module, prefix: str, source: WeightSource) -> nn.Module:
-    module.load_state_dict({k: source.get(prefix + k) for k in module.state_dict()}, strict=True, assign=True)
+    names = list(module.state_dict())
+    weights = source.get_many(prefix + k for k in names)
+    module.load_state_dict({k: weights[prefix + k] for k in names}, strict=True, assign=True)
     return module.eval()
 
 

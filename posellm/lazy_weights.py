@@ -48,6 +48,10 @@ class WeightSource:
     def get(self, name: str) -> torch.Tensor:
         raise NotImplementedError
 
+    def get_many(self, names: Iterable[str]) -> dict[str, torch.Tensor]:
+        """Several tensors (a layer, the small ones): a reader may open each file once for all of them."""
+        return {n: self.get(n) for n in names}
+
     def stored_dtypes(self) -> set[torch.dtype]:
         raise NotImplementedError
 
@@ -60,18 +64,17 @@ class _Entry:
 
 
 def _read(file: Path, keys: Iterable[str]) -> dict[str, torch.Tensor]:
-    """Copy `keys` out of one weight file, then close it (no mapping or shard outlives the call)."""
+    """`keys` of one weight file. safetensors copies each tensor out of its map; a zipfile `.bin` is mapped and the
+    tensors stay views of it (file-backed pages, only those read become resident, dropped with the tensors)."""
     keys = list(keys)
     if file.suffix == ".safetensors":
         with safe_open(str(file), framework="pt") as f:
-            return {k: f.get_tensor(k).clone() for k in keys}
-    try:  # zipfile-format .bin (torch >= 1.6 save): mapped, only the requested storages are paged in
+            return {k: f.get_tensor(k) for k in keys}
+    try:  # zipfile-format .bin (torch >= 1.6 save)
         shard = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
     except RuntimeError:  # legacy (pre-zipfile) pickle: no mmap possible; this reads the whole shard once
         shard = torch.load(file, map_location="cpu", weights_only=True)
-    out = {k: shard[k].clone() for k in keys}
-    del shard
-    return out
+    return {k: shard[k] for k in keys}
 
 
 def _headers(file: Path) -> dict[str, torch.Tensor]:
@@ -121,21 +124,32 @@ class LazyCheckpoint(WeightSource):
             out.update({n: got[self._entries[n].key] for n in ours})
         return out
 
+    def _lora_owner(self, name: str) -> str | None:
+        """The module prefix whose LoRA factors fold into weight `name`, if the checkpoint has any."""
+        m = _LLM_LORA.match(name) or _VIT_QKV.match(name)
+        if m and (f"{m.group(1)}.lora_A" in self._headers or f"{m.group(1)}.lora_A_q" in self._headers):
+            return m.group(1)
+        return None
+
+    def get_many(self, names: Iterable[str]) -> dict[str, torch.Tensor]:
+        names = list(names)
+        plain = [n for n in names if n in self._headers and "lora_" not in n and self._lora_owner(n) is None]
+        raw = self._raw(plain)
+        out = {n: (v.float() if v.is_floating_point() else v) for n, v in raw.items()}
+        return {n: out[n] if n in out else self.get(n) for n in names}
+
     def get(self, name: str) -> torch.Tensor:
         if name not in self._headers or "lora_" in name:
             raise KeyError(f"{name}: not a tensor of the merged model")
-        lora = self.source_cfg.lora
-        m = _LLM_LORA.match(name)
-        if m and f"{m.group(1)}.lora_A" in self._headers:
-            a, b = f"{m.group(1)}.lora_A", f"{m.group(1)}.lora_B"
+        lora, owner = self.source_cfg.lora, self._lora_owner(name)
+        if owner is not None and _LLM_LORA.match(name):
+            a, b = f"{owner}.lora_A", f"{owner}.lora_B"
             t = self._raw([name, a, b])
             return merged_weight(t[name].float(), t[a], t[b], lora.llm_alpha / lora.llm_r)
-        m = _VIT_QKV.match(name)
-        if m and f"{m.group(1)}.lora_A_q" in self._headers:
-            keys = [name] + [f"{m.group(1)}.lora_{x}" for x in ("A_q", "B_q", "A_v", "B_v")]
+        if owner is not None:
+            keys = [name] + [f"{owner}.lora_{x}" for x in ("A_q", "B_q", "A_v", "B_v")]
             t = self._raw(keys)
-            return merge_qkv_lora(t[name].float(), *(t[k] for k in keys[1:]),
-                                  lora.vision_alpha / lora.vision_r)
+            return merge_qkv_lora(t[name].float(), *(t[k] for k in keys[1:]), lora.vision_alpha / lora.vision_r)
         value = self._raw([name])[name]
         return value.float() if value.is_floating_point() else value
 

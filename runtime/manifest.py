@@ -53,7 +53,7 @@ class ExportStats:
     written (and validated), so a user can size the machine before exporting a bigger checkpoint."""
 
     bytes: int  # graphs + external data + embedding table
-    peak_rss_bytes: int  # the export process's peak RSS from the start of this variant to its end
+    peak_rss_bytes: int  # the export process's peak RSS while this variant was written (the first: + the reference)
     export_seconds: float
     validation_seconds: float | None  # None: exported with --skip-validate
 
