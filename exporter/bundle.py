@@ -178,8 +178,8 @@ def export_bundle(cfg: ExportConfig, log=print) -> ExportResult:
                                                      cfg.logits_positions, digit_ids)
                 validation_s = time.perf_counter() - t1 + ref_seconds  # the shared reference counted in each
                 log(format_checks(precision, checks[precision]))
-            stats = ExportStats(bytes=sum(p.stat().st_size for p in vdir.rglob("*") if p.is_file())
-                                + (tmp / emb).stat().st_size, peak_rss_bytes=peak.bytes(),
+            stats = ExportStats(bytes=sum(p.stat().st_size for p in vdir.rglob("*") if p.is_file()),  # + table
+                                peak_rss_bytes=peak.bytes(),
                                 export_seconds=round(export_s, 2),
                                 validation_seconds=None if validation_s is None else round(validation_s, 2))
             variants[precision] = Variant(
