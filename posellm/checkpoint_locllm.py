@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Any, Literal
 
 import torch
@@ -161,6 +162,31 @@ def config_from_locllm(config: dict[str, Any], state: dict[str, torch.Tensor], r
     return cfg
 
 
+def is_inv_freq(key: str) -> bool:
+    return _INV_FREQ.match(key) is not None
+
+
+def inv_freq_problems(key: str, value: torch.Tensor, cfg: PoseLLMConfig) -> list[str]:
+    """[] if a saved RoPE `inv_freq` buffer is what cfg's head_dim and rope_theta give (to its dtype's precision)."""
+    want = rope_inv_freq(cfg.llm.head_dim, cfg.llm.rope_theta).to(value.dtype).float()
+    rtol = max(1e-4, 2 * torch.finfo(value.dtype).eps) if value.is_floating_point() else 1e-4
+    if value.shape == want.shape and torch.allclose(value.float(), want, rtol=rtol, atol=0.0):
+        return []
+    return [f"mismatched: {key} {list(value.shape)} is not RoPE inv_freq for head_dim {cfg.llm.head_dim}, "
+            f"rope_theta {cfg.llm.rope_theta}"]
+
+
+def stored_name(key: str, stored: Mapping[str, object]) -> str | None:
+    """Our name for a stored LocLLM tensor; None for a LayerScale `.weight` alias whose `.gamma` is stored too
+    (`.gamma` is the stored name and wins)."""
+    alias = _LAYER_SCALE_ALIAS.match(key)
+    if alias:
+        if f"{alias.group(1)}.gamma" in stored:
+            return None
+        key = f"{alias.group(1)}.gamma"
+    return to_ours(key)
+
+
 def load_locllm(path: str | Path, *, dtype: torch.dtype | None = torch.float32) -> PoseLLM:
     """Import a LocLLM/PoseLLM `from_pretrained` directory (strict: one error lists every bad tensor)."""
     root = Path(path)
@@ -168,23 +194,15 @@ def load_locllm(path: str | Path, *, dtype: torch.dtype | None = torch.float32) 
     _check_model_type(config, root / LOCLLM_CONFIG)  # before reading (possibly huge) weights
     raw = read_weights(root)
     cfg = config_from_locllm(config, raw, root)
-    expected_freq = rope_inv_freq(cfg.llm.head_dim, cfg.llm.rope_theta)
     state: dict[str, torch.Tensor] = {}
     problems: list[str] = []
     for key, value in raw.items():
-        if _INV_FREQ.match(key):  # transformers 4.31 saved RoPE buffers: derivable, so check and drop
-            want = expected_freq.to(value.dtype).float()
-            rtol = max(1e-4, 2 * torch.finfo(value.dtype).eps) if value.is_floating_point() else 1e-4
-            if value.shape != want.shape or not torch.allclose(value.float(), want, rtol=rtol, atol=0.0):
-                problems.append(f"mismatched: {key} {list(value.shape)} is not RoPE inv_freq for head_dim "
-                                f"{cfg.llm.head_dim}, rope_theta {cfg.llm.rope_theta}")
+        if is_inv_freq(key):  # transformers 4.31 saved RoPE buffers: derivable, so check and drop
+            problems += inv_freq_problems(key, value, cfg)
             continue
-        alias = _LAYER_SCALE_ALIAS.match(key)
-        if alias:  # LayerScale spelled `.weight`: `.gamma` is the stored name and wins when both are present
-            if f"{alias.group(1)}.gamma" in raw:
-                continue
-            key = f"{alias.group(1)}.gamma"
-        state[to_ours(key)] = value
+        ours = stored_name(key, raw)
+        if ours is not None:
+            state[ours] = value
     return build_from_state(cfg, state, str(root), dtype=dtype, problems=problems, display=to_locllm)
 
 

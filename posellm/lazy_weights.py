@@ -18,9 +18,9 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from .checkpoint import (NATIVE_CONFIG, NATIVE_FORMAT, NATIVE_FORMAT_VERSION, NATIVE_WEIGHTS, CheckpointError,
-                         _kind, check_state, load_checkpoint, read_json)
-from .config import ConfigError, PoseLLMConfig
+from .checkpoint import (NATIVE_WEIGHTS, CheckpointError, _kind, check_state, load_checkpoint, native_config,
+                         read_json)
+from .config import PoseLLMConfig
 from .lora import merged_weight
 from .model import PoseLLM
 from .vision import merge_qkv_lora
@@ -172,15 +172,7 @@ class InMemoryWeights(WeightSource):
 
 
 def _native(root: Path) -> LazyCheckpoint:
-    data = read_json(root / NATIVE_CONFIG)
-    fmt, version = data.pop("format", None), data.pop("format_version", None)
-    if fmt != NATIVE_FORMAT or version != NATIVE_FORMAT_VERSION:
-        raise CheckpointError(f"{root / NATIVE_CONFIG}: format={fmt!r} format_version={version!r}; expected "
-                              f"{NATIVE_FORMAT!r} version {NATIVE_FORMAT_VERSION}")
-    try:
-        cfg = PoseLLMConfig.from_dict(data)
-    except (ConfigError, TypeError) as e:
-        raise CheckpointError(f"{root / NATIVE_CONFIG}: {e}") from e
+    cfg = native_config(root)
     file = root / NATIVE_WEIGHTS
     if not file.is_file():
         raise CheckpointError(f"{root}: missing {NATIVE_WEIGHTS}")
@@ -190,8 +182,8 @@ def _native(root: Path) -> LazyCheckpoint:
 
 
 def _locllm(root: Path) -> LazyCheckpoint:
-    from .checkpoint_locllm import (LOCLLM_CONFIG, _check_model_type, _INV_FREQ, _LAYER_SCALE_ALIAS,
-                                    config_from_locllm, rope_inv_freq, to_locllm, to_ours, weight_files)
+    from .checkpoint_locllm import (LOCLLM_CONFIG, _check_model_type, config_from_locllm, inv_freq_problems,
+                                    is_inv_freq, stored_name, to_locllm, weight_files)
     config = read_json(root / LOCLLM_CONFIG)
     _check_model_type(config, root / LOCLLM_CONFIG)
     raw: dict[str, torch.Tensor] = {}
@@ -204,27 +196,17 @@ def _locllm(root: Path) -> LazyCheckpoint:
         raw.update(shard)
         where.update(dict.fromkeys(shard, file))
     cfg = config_from_locllm(config, raw, root)
-    expected_freq = rope_inv_freq(cfg.llm.head_dim, cfg.llm.rope_theta)
     headers: dict[str, torch.Tensor] = {}
     entries: dict[str, _Entry] = {}
     problems: list[str] = []
     for key, meta in raw.items():
-        if _INV_FREQ.match(key):  # derivable RoPE buffers (transformers 4.31): check the values, then drop
-            value = _read(where[key], [key])[key]
-            want = expected_freq.to(value.dtype).float()
-            rtol = max(1e-4, 2 * torch.finfo(value.dtype).eps) if value.is_floating_point() else 1e-4
-            if value.shape != want.shape or not torch.allclose(value.float(), want, rtol=rtol, atol=0.0):
-                problems.append(f"mismatched: {key} {list(value.shape)} is not RoPE inv_freq for head_dim "
-                                f"{cfg.llm.head_dim}, rope_theta {cfg.llm.rope_theta}")
+        if is_inv_freq(key):  # derivable RoPE buffers (transformers 4.31): check the (small) values, then drop
+            problems += inv_freq_problems(key, _read(where[key], [key])[key], cfg)
             continue
-        ours = key
-        alias = _LAYER_SCALE_ALIAS.match(key)
-        if alias:  # LayerScale spelled `.weight`: `.gamma` wins when both are present
-            if f"{alias.group(1)}.gamma" in raw:
-                continue
-            ours = f"{alias.group(1)}.gamma"
-        headers[to_ours(ours)] = meta
-        entries[to_ours(ours)] = _Entry(where[key], key)
+        ours = stored_name(key, raw)
+        if ours is not None:
+            headers[ours] = meta
+            entries[ours] = _Entry(where[key], key)
     check_state(expected_shapes(cfg), headers, str(root), problems, display=to_locllm)
     return LazyCheckpoint(cfg, entries, headers)
 
