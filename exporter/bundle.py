@@ -21,8 +21,8 @@ from posellm.config import ConfigError, PoseLLMConfig
 from posellm.lazy_weights import open_weights
 from runtime.errors import InputError
 from runtime.keypoints import standard_keypoints
-from runtime.manifest import (SCHEMA_VERSION, Dims, ExportStats, GraphSpec, KeypointPrompt, Manifest, Preprocess, Prompts, Variant,
-                              sha256_file, write_manifest)
+from runtime.manifest import (SCHEMA_VERSION, Dims, ExportStats, GraphSpec, KeypointPrompt, Manifest, Preprocess,
+                              Prompts, Variant, sha256_file, write_manifest)
 from runtime.preprocess import CLIP_MEAN, CLIP_STD, DINO_MEAN, DINO_STD
 from runtime.prompts import DIGIT_POSITIONS, PromptTokenizer
 

@@ -82,9 +82,9 @@ def export_vision(graph: VisionGraph, placeholders: PlaceholderModel, path: Path
     return graph_spec(path, {"batch": (1, max_batch)})
 
 
-def export_decoder(graph: DecoderGraph, placeholders: PlaceholderModel, path: Path, dtype: torch.dtype, hidden: int, kv_heads: int,
-                   head_dim: int, num_layers: int, max_persons: int, max_batch: int, max_seq: int, prefix_len: int,
-                   max_context: int) -> GraphSpec:
+def export_decoder(graph: DecoderGraph, placeholders: PlaceholderModel, path: Path, dtype: torch.dtype, hidden: int,
+                   kv_heads: int, head_dim: int, num_layers: int, max_persons: int, max_batch: int, max_seq: int,
+                   prefix_len: int, max_context: int) -> GraphSpec:
     # Trace with 2 persons × 2 rows, 3 new tokens, a 6-token prefix and 5 past tokens: all distinct, all dynamic.
     n, b, s, lp, p = 2, 4, 3, 6, 5
     args = [torch.randn(b, s, hidden, dtype=dtype), torch.ones(b, p + s, dtype=torch.int64),

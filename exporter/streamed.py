@@ -71,8 +71,7 @@ class PlaceholderModel:
         """The real tensor for one entry of the exporter's parameter table, in the variant dtype."""
         ph = self.by_storage.get(folded.untyped_storage().data_ptr()) if folded.dim() == 2 else None
         if ph is None:
-            if folded.untyped_storage().nbytes() < folded.numel() * folded.element_size() or any(
-                    s == 0 for s in folded.stride()):
+            if any(st == 0 and n > 1 for st, n in zip(folded.stride(), folded.shape)):
                 raise RuntimeError(f"exported parameter {list(folded.shape)} is a broadcast view of unknown origin")
             return folded.contiguous()
         w = self.source.get(ph.name).to(self.dtype)
