@@ -41,7 +41,9 @@ MACHINE_GB = 32
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--tokenizer", required=True, type=Path, help="dir with tokenizer.json (LLaMA's, 32000 ids)")
+    p.add_argument("--tokenizer", type=Path, help="dir with tokenizer.json (LLaMA's, 32000 ids)")
+    p.add_argument("--merge", type=Path, nargs="+", help="combine the runs of earlier result files into --out "
+                                                          "(slopes over all of them) instead of measuring")
     p.add_argument("--runs", nargs="+", default=[f"{n}:{p}:{v}" for n in (2, 4) for p in ("fp32", "fp16")
                                                  for v in ("on", "off")],
                    help="LAYERS:PRECISION:VALIDATE(on|off) per export, in order (default: all 8 combinations "
@@ -155,8 +157,26 @@ def slopes(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def merge(files: list[Path], out: Path, note: str) -> dict[str, Any]:
+    """Runs of several invocations (e.g. one layer count each) as one result, slopes over all of them."""
+    parts = [json.loads(f.read_text()) for f in files]
+    res = {k: v for k, v in parts[0].items() if k not in ("runs", "per_layer", "all_runs_meet_target", "status")}
+    res["merged_from"] = [{"file": f.name, "status": p["status"], "runs": len(p["runs"])} for f, p in zip(files, parts)]
+    res["note"] = " ".join(x for x in (res.get("note", ""), note) if x)
+    res["runs"] = [r for p in parts for r in p["runs"]]
+    res["per_layer"] = slopes(res["runs"])
+    res["all_runs_meet_target"] = all(r["meets_target"] for r in res["runs"])
+    res["status"] = "ok" if all(p["status"] == "ok" for p in parts) else "partial"
+    write_json(out, res)
+    return res
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     a = parse_args(argv)
+    if a.merge:
+        return merge(a.merge, a.out, a.note)
+    if a.tokenizer is None:
+        raise SystemExit("--tokenizer is required to measure")
     res: dict[str, Any] = {"status": "running", "preset": a.preset, "note": a.note, "units": "GB (1e9 bytes), s",
                            "threads": os.environ.get("OMP_NUM_THREADS"), "cpu_count": os.cpu_count(),
                            "checkpoint_layout": "LocLLM trainer: bf16 LLM base, fp32 ViT/projector/LoRA, .bin "
