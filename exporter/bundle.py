@@ -72,24 +72,15 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux reports KiB
 
 
-class PeakRss:
-    """Peak resident memory of this process since `reset()`: Linux's VmHWM, which writing 5 to
-    /proc/self/clear_refs resets; elsewhere the process-lifetime ru_maxrss (an upper bound)."""
-
-    def reset(self) -> None:
-        try:
-            Path("/proc/self/clear_refs").write_text("5")
-        except OSError:
-            pass
-
-    def bytes(self) -> int:
-        try:
-            for line in Path("/proc/self/status").read_text().splitlines():
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-        except OSError:
-            pass
-        return int(peak_rss_mb() * 1024 * 1024)
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory so far: Linux's VmHWM (exact), else ru_maxrss."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return int(peak_rss_mb() * 1024 * 1024)
 
 
 def _prompts(tok: PromptTokenizer, num_patches: int) -> Prompts:
@@ -131,8 +122,6 @@ def export_bundle(cfg: ExportConfig, log=print) -> ExportResult:
     longest = max(len(k.suffix_ids) for k in prompts.keypoints) + 13  # suffix + the whole answer
     max_seq = max(prefix_len, longest)  # the prefix prefill is the longest single pass
     max_context = max(cfg.max_context, prefix_len + longest)
-    peak = PeakRss()
-    peak.reset()  # the first variant's window also covers the shared fp32 reference
     t0 = time.perf_counter()
     ref = reference_outputs(source) if cfg.validate else None  # fp32, one LLM layer resident at a time
     ref_seconds = time.perf_counter() - t0
@@ -150,8 +139,6 @@ def export_bundle(cfg: ExportConfig, log=print) -> ExportResult:
         c = model_cfg.llm
         for precision in sorted(cfg.precisions, key=PRECISIONS.index):
             t0 = time.perf_counter()
-            if variants:
-                peak.reset()
             dtype = DTYPES[precision]
             vdir = tmp / precision
             vdir.mkdir()
@@ -179,7 +166,7 @@ def export_bundle(cfg: ExportConfig, log=print) -> ExportResult:
                 validation_s = time.perf_counter() - t1 + ref_seconds  # the shared reference counted in each
                 log(format_checks(precision, checks[precision]))
             stats = ExportStats(bytes=sum(p.stat().st_size for p in vdir.rglob("*") if p.is_file()),  # + table
-                                peak_rss_bytes=peak.bytes(),
+                                peak_rss_bytes=peak_rss_bytes(),
                                 export_seconds=round(export_s, 2),
                                 validation_seconds=None if validation_s is None else round(validation_s, 2))
             variants[precision] = Variant(

@@ -53,7 +53,7 @@ class ExportStats:
     written (and validated), so a user can size the machine before exporting a bigger checkpoint."""
 
     bytes: int  # graphs + external data + embedding table
-    peak_rss_bytes: int  # the export process's peak RSS while this variant was written (the first: + the reference)
+    peak_rss_bytes: int  # the export process's peak RSS from its start to the end of this variant (validation incl.)
     export_seconds: float
     validation_seconds: float | None  # None: exported with --skip-validate
 
