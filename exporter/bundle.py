@@ -1,4 +1,8 @@
-"""`posellm-edge export`: checkpoint → merged model → ONNX graphs per precision → validated, atomic bundle."""
+"""`posellm-edge export`: checkpoint → ONNX graphs per precision → validated, atomic bundle.
+
+Memory stays near one variant's size: weights are read lazily from the checkpoint and streamed into the graphs'
+external data (exporter/streamed.py), and the fp32 reference runs one LLM layer at a time (exporter/validate.py).
+"""
 from __future__ import annotations
 
 import json
@@ -12,18 +16,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from posellm.checkpoint import checkpoint_hash, load_checkpoint
-from posellm.config import ConfigError
-from posellm.model import PoseLLM
+from posellm.checkpoint import checkpoint_hash
+from posellm.config import ConfigError, PoseLLMConfig
+from posellm.lazy_weights import open_weights
 from runtime.errors import InputError
 from runtime.keypoints import standard_keypoints
-from runtime.manifest import (SCHEMA_VERSION, Dims, GraphSpec, KeypointPrompt, Manifest, Preprocess, Prompts, Variant,
-                              sha256_file, write_manifest)
+from runtime.manifest import (SCHEMA_VERSION, Dims, ExportStats, GraphSpec, KeypointPrompt, Manifest, Preprocess,
+                              Prompts, Variant, sha256_file, write_manifest)
 from runtime.preprocess import CLIP_MEAN, CLIP_STD, DINO_MEAN, DINO_STD
 from runtime.prompts import DIGIT_POSITIONS, PromptTokenizer
 
 from .graphs import DecoderGraph, VisionGraph, keep_norms_fp32
 from .onnx_export import export_decoder, export_vision
+from .streamed import PlaceholderModel
 from .tokenizer import bundle_tokenizer
 from .validate import ValidationError, format_checks, reference_outputs, report, validate_variant
 from .versions import library_versions, toolkit_version
@@ -60,10 +65,22 @@ class ExportResult:
     peak_rss_mb: float
     validation: dict | None
     file_sizes: dict[str, int]
+    variants: dict[str, ExportStats]  # per precision: bytes written, peak RSS, seconds
 
 
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux reports KiB
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory so far: Linux's VmHWM (exact), else ru_maxrss."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return int(peak_rss_mb() * 1024 * 1024)
 
 
 def _prompts(tok: PromptTokenizer, num_patches: int) -> Prompts:
@@ -78,8 +95,7 @@ def _prompts(tok: PromptTokenizer, num_patches: int) -> Prompts:
     )
 
 
-def _dims(model: PoseLLM, k: int) -> Dims:
-    c = model.cfg
+def _dims(c: PoseLLMConfig, k: int) -> Dims:
     return Dims(vision_embed=c.vision.embed_dim, hidden_size=c.llm.hidden_size,
                 num_layers=c.llm.num_hidden_layers, num_heads=c.llm.num_attention_heads,
                 num_kv_heads=c.llm.num_key_value_heads, head_dim=c.llm.head_dim, vocab_size=c.llm.vocab_size,
@@ -95,19 +111,20 @@ def export_bundle(cfg: ExportConfig, log=print) -> ExportResult:
         raise InputError(f"{out} exists; pass --overwrite to replace it")
     tokenizer = bundle_tokenizer(Path(cfg.checkpoint))  # fails early, naming the missing tokenizer files
     tok = PromptTokenizer(tokenizer)
-    model = load_checkpoint(Path(cfg.checkpoint)).float().eval()
-    if model.has_lora():
-        model.merge_lora()
+    source = open_weights(Path(cfg.checkpoint))  # lazy: tensors are read (and LoRA merged) one at a time
+    model_cfg = source.cfg
     try:
-        model.cfg.check_image_token(tok.special.image, f"{cfg.checkpoint} tokenizer")
+        model_cfg.check_image_token(tok.special.image, f"{cfg.checkpoint} tokenizer")
     except ConfigError as e:
         raise InputError(str(e)) from e
-    prompts = _prompts(tok, model.cfg.num_patches)
-    prefix_len = len(prompts.prefix_ids) + model.cfg.num_patches
+    prompts = _prompts(tok, model_cfg.num_patches)
+    prefix_len = len(prompts.prefix_ids) + model_cfg.num_patches
     longest = max(len(k.suffix_ids) for k in prompts.keypoints) + 13  # suffix + the whole answer
     max_seq = max(prefix_len, longest)  # the prefix prefill is the longest single pass
     max_context = max(cfg.max_context, prefix_len + longest)
-    ref = reference_outputs(model) if cfg.validate else None
+    t0 = time.perf_counter()
+    ref = reference_outputs(source) if cfg.validate else None  # fp32, one LLM layer resident at a time
+    ref_seconds = time.perf_counter() - t0
     # digit_argmax needs the single-token digits; without them (no template decoding) it is a stub on id 0
     digit_ids = prompts.digit_ids or (0,)
 
@@ -119,43 +136,53 @@ def export_bundle(cfg: ExportConfig, log=print) -> ExportResult:
         tokenizer.save(str(tmp / "tokenizer.json"))
         variants: dict[str, Variant] = {}
         checks = {}
-        c = model.cfg.llm
-        # fp32 first: lower precisions cast the model in place (no second full copy of the weights).
+        c = model_cfg.llm
         for precision in sorted(cfg.precisions, key=PRECISIONS.index):
             t0 = time.perf_counter()
             dtype = DTYPES[precision]
-            model.to(dtype)
             vdir = tmp / precision
             vdir.mkdir()
             emb = f"{precision}/embed_tokens.npy"
-            np.save(tmp / emb, model.llm.get_input_embeddings().weight.detach().numpy())
-            vision = VisionGraph(model)
+            np.save(tmp / emb, source.get("llm.model.embed_tokens.weight").to(dtype).numpy())
+            placeholders = PlaceholderModel(source, dtype)  # the graphs' weights stream from `source`
+            vision = VisionGraph(placeholders.model)
             if precision != "fp32":
                 keep_norms_fp32(vision)
-            vspec = export_vision(vision, vdir / "vision.onnx", model.cfg.crop_size, cfg.max_persons)
-            graph = DecoderGraph(model, cfg.logits_positions, digit_ids)
-            dspec = export_decoder(graph, vdir / "decoder.onnx", dtype,
+            vspec = export_vision(vision, placeholders, vdir / "vision.onnx", model_cfg.crop_size, cfg.max_persons)
+            graph = DecoderGraph(placeholders.model, cfg.logits_positions, digit_ids)
+            dspec = export_decoder(graph, placeholders, vdir / "decoder.onnx", dtype,
                                    c.hidden_size, c.num_key_value_heads, c.head_dim, c.num_hidden_layers,
                                    cfg.max_persons, cfg.max_persons * len(prompts.keypoints), max_seq, prefix_len,
                                    max_context)
-            variants[precision] = Variant(
-                precision=precision, embedding=emb,
-                vision=_prefixed(vspec, precision), decoder=_prefixed(dspec, precision))
-            log(f"exported {precision} graphs in {time.perf_counter() - t0:.1f}s")
+            del placeholders, vision, graph
+            export_s = time.perf_counter() - t0
+            log(f"exported {precision} graphs in {export_s:.1f}s")
+            validation_s = None
             if ref is not None:
+                t1 = time.perf_counter()
                 checks[precision] = validate_variant(ref, vdir / "vision.onnx", vdir / "decoder.onnx", precision,
                                                      c.num_hidden_layers, c.num_key_value_heads, c.head_dim,
                                                      cfg.logits_positions, digit_ids)
+                validation_s = time.perf_counter() - t1 + ref_seconds  # the shared reference counted in each
                 log(format_checks(precision, checks[precision]))
+            stats = ExportStats(bytes=sum(p.stat().st_size for p in vdir.rglob("*") if p.is_file()),  # + table
+                                peak_rss_bytes=peak_rss_bytes(),
+                                export_seconds=round(export_s, 2),
+                                validation_seconds=None if validation_s is None else round(validation_s, 2))
+            variants[precision] = Variant(
+                precision=precision, embedding=emb,
+                vision=_prefixed(vspec, precision), decoder=_prefixed(dspec, precision), export=stats)
+            log(f"{precision}: {stats.bytes / 1e9:.3f} GB written, peak RSS {stats.peak_rss_bytes / 1e9:.3f} GB "
+                f"({stats.peak_rss_bytes / stats.bytes:.2f}x the variant)")
         validation = report(checks) if ref is not None else None
         if validation is not None:
             (tmp / "validation.json").write_text(json.dumps(validation, indent=1) + "\n")
-        norm = model.cfg.normalization
+        norm = model_cfg.normalization
         manifest = Manifest(
             schema_version=SCHEMA_VERSION, toolkit_version=toolkit_version(),
             source_checkpoint_sha256=checkpoint_hash(Path(cfg.checkpoint)), library_versions=library_versions(),
-            dims=_dims(model, cfg.logits_positions),
-            preprocess=Preprocess(crop_size=model.cfg.crop_size, mean=CLIP_MEAN if norm == "clip" else DINO_MEAN,
+            dims=_dims(model_cfg, cfg.logits_positions),
+            preprocess=Preprocess(crop_size=model_cfg.crop_size, mean=CLIP_MEAN if norm == "clip" else DINO_MEAN,
                                   std=CLIP_STD if norm == "clip" else DINO_STD),
             prompts=prompts, tokenizer="tokenizer.json", max_persons=cfg.max_persons, max_context=max_context,
             variants=variants,
@@ -171,7 +198,8 @@ def export_bundle(cfg: ExportConfig, log=print) -> ExportResult:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     sizes = {str(p.relative_to(out)): p.stat().st_size for p in sorted(out.rglob("*")) if p.is_file()}
-    return ExportResult(out, time.perf_counter() - start, peak_rss_mb(), validation, sizes)
+    stats = {p: v.export for p, v in variants.items() if v.export is not None}
+    return ExportResult(out, time.perf_counter() - start, peak_rss_mb(), validation, sizes, stats)
 
 
 def _prefixed(spec: GraphSpec, precision: str) -> GraphSpec:

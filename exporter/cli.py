@@ -28,4 +28,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"bundle written to {result.bundle} in {result.seconds:.1f}s (peak RSS {result.peak_rss_mb:.0f} MB)")
     for name, size in result.file_sizes.items():
         print(f"  {name:<28} {size / 1e6:9.3f} MB")
+    for precision, stats in result.variants.items():  # also in manifest.json: variants.<precision>.export
+        print(f"  {precision}: {stats.bytes / 1e6:.1f} MB written, peak RSS {stats.peak_rss_bytes / 1e6:.1f} MB "
+              f"({stats.peak_rss_bytes / stats.bytes:.2f}x), export {stats.export_seconds:.1f}s"
+              + ("" if stats.validation_seconds is None else f", validation {stats.validation_seconds:.1f}s"))
     return 0

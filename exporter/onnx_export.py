@@ -6,8 +6,6 @@ a 7B decoder without the memory overhead of torch.export's FX tracing.
 """
 from __future__ import annotations
 
-import shutil
-import warnings
 from pathlib import Path
 
 import onnx
@@ -18,38 +16,31 @@ from runtime.manifest import GraphSpec, TensorSpec
 
 from .graphs import DecoderGraph, VisionGraph, decoder_io_names
 from .reshape_check import reshape_problems
+from .streamed import PlaceholderModel, export_streamed
 
 OPSET = 17  # LayerNormalization is native from 17; TensorRT 10 parses opsets 9–20+
 EXTERNAL_DATA_THRESHOLD = 1 << 30  # beyond ~1 GB of weights the graph keeps them in one `.data` file (2 GB cap)
-_NP = {torch.float32: "float32", torch.float16: "float16", torch.int64: "int64"}
 
 
-def _export(module: torch.nn.Module, args: tuple, path: Path, inputs: list[str], outputs: list[str],
-            dynamic_axes: dict[str, dict[int, str]], dynamic_ranges: dict[str, tuple[int, int]]) -> None:
-    # Export into a scratch folder: above 2 GB torch writes one file per tensor, which we then gather.
-    scratch = path.parent / f".{path.stem}.scratch"
-    scratch.mkdir()
+def _export(module: torch.nn.Module, placeholders: PlaceholderModel, args: tuple, path: Path, inputs: list[str],
+            outputs: list[str], dynamic_axes: dict[str, dict[int, str]],
+            dynamic_ranges: dict[str, tuple[int, int]]) -> None:
+    """Graph traced over placeholder weights; the real weights streamed into `<graph>.data` (exporter/streamed.py).
+    Below ~1 GB of weights the graph keeps them inline (one file)."""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # TorchScript-exporter deprecation, tracer shape-arithmetic notes
-            torch.onnx.export(module, args, str(scratch / path.name), input_names=inputs, output_names=outputs,
-                              dynamic_axes=dynamic_axes, opset_version=OPSET, do_constant_folding=True,
-                              dynamo=False)
-        model = onnx.load(str(scratch / path.name), load_external_data=True)
+        model = export_streamed(module, placeholders, args, path, inputs, outputs, dynamic_axes, OPSET,
+                                EXTERNAL_DATA_THRESHOLD)
         literal_zero_reshapes(model)
-        size = sum(t.ByteSize() for t in model.graph.initializer)
-        if size < EXTERNAL_DATA_THRESHOLD:
-            onnx.save_model(model, str(path))
-        else:  # one `<graph>.data` file beside the graph
-            onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                            location=path.name + ".data", size_threshold=1024)
+        onnx.save_model(model, str(path))  # the graph; its external weights are already in place
         del model
         # Valid under the ONNX spec, not just under onnxruntime (checked on the file: external weights not loaded).
         problems = reshape_problems(onnx.load(str(path), load_external_data=False), dynamic_ranges)
         if problems:
             raise RuntimeError(f"{path.name}: {len(problems)} spec-invalid Reshape(s): " + "; ".join(problems))
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+    except BaseException:
+        path.unlink(missing_ok=True)
+        (path.parent / (path.name + ".data")).unlink(missing_ok=True)
+        raise
 
 
 def literal_zero_reshapes(model: onnx.ModelProto) -> None:
@@ -90,17 +81,18 @@ def graph_spec(path: Path, dynamic_ranges: dict[str, tuple[int, int]]) -> GraphS
                      external_data=(ext,) if (path.parent / ext).exists() else ())
 
 
-def export_vision(graph: VisionGraph, path: Path, crop_size: int, max_batch: int) -> GraphSpec:
+def export_vision(graph: VisionGraph, placeholders: PlaceholderModel, path: Path, crop_size: int,
+                  max_batch: int) -> GraphSpec:
     dummy = torch.randn(2, 3, crop_size, crop_size)
     ranges = {"batch": (1, max_batch)}
-    _export(graph, (dummy,), path, ["pixel_values"], ["image_embeds"],
+    _export(graph, placeholders, (dummy,), path, ["pixel_values"], ["image_embeds"],
             {"pixel_values": {0: "batch"}, "image_embeds": {0: "batch"}}, ranges)
     return graph_spec(path, ranges)
 
 
-def export_decoder(graph: DecoderGraph, path: Path, dtype: torch.dtype, hidden: int, kv_heads: int,
-                   head_dim: int, num_layers: int, max_persons: int, max_batch: int, max_seq: int, prefix_len: int,
-                   max_context: int) -> GraphSpec:
+def export_decoder(graph: DecoderGraph, placeholders: PlaceholderModel, path: Path, dtype: torch.dtype, hidden: int,
+                   kv_heads: int, head_dim: int, num_layers: int, max_persons: int, max_batch: int, max_seq: int,
+                   prefix_len: int, max_context: int) -> GraphSpec:
     # Trace with 2 persons × 2 rows, 3 new tokens, a 6-token prefix and 5 past tokens: all distinct, all dynamic.
     n, b, s, lp, p = 2, 4, 3, 6, 5
     args = [torch.randn(b, s, hidden, dtype=dtype), torch.ones(b, lp + p + s, dtype=torch.int64),
@@ -122,5 +114,5 @@ def export_decoder(graph: DecoderGraph, path: Path, dtype: torch.dtype, hidden: 
     suffix_context = max_context - prefix_len
     ranges = {"batch": (1, max_batch), "persons": (1, max_persons), "prefix": (1, prefix_len), "seq": (1, max_seq),
               "past": (0, suffix_context), "total": (2, max_context + max_seq)}
-    _export(graph, tuple(args), path, inputs, outputs, axes, ranges)
+    _export(graph, placeholders, tuple(args), path, inputs, outputs, axes, ranges)
     return graph_spec(path, ranges)

@@ -150,6 +150,13 @@ def save_native(model: PoseLLM, out_dir: str | Path, tokenizer_dir: str | Path |
 
 def load_native(path: str | Path, *, dtype: torch.dtype | None = torch.float32) -> PoseLLM:
     root = Path(path)
+    cfg = native_config(root)
+    if not (root / NATIVE_WEIGHTS).is_file():
+        raise CheckpointError(f"{root}: missing {NATIVE_WEIGHTS}")
+    return build_from_state(cfg, load_file(str(root / NATIVE_WEIGHTS)), str(root), dtype=dtype)
+
+
+def native_config(root: Path) -> PoseLLMConfig:
     data = read_json(root / NATIVE_CONFIG)
     fmt, version = data.pop("format", None), data.pop("format_version", None)
     if fmt != NATIVE_FORMAT or version != NATIVE_FORMAT_VERSION:
@@ -159,9 +166,7 @@ def load_native(path: str | Path, *, dtype: torch.dtype | None = torch.float32) 
         cfg = PoseLLMConfig.from_dict(data)
     except (ConfigError, TypeError) as e:
         raise CheckpointError(f"{root / NATIVE_CONFIG}: {e}") from e
-    if not (root / NATIVE_WEIGHTS).is_file():
-        raise CheckpointError(f"{root}: missing {NATIVE_WEIGHTS}")
-    return build_from_state(cfg, load_file(str(root / NATIVE_WEIGHTS)), str(root), dtype=dtype)
+    return cfg
 
 
 # -- LocLLM original format (implemented in checkpoint_locllm; imported lazily, it imports this module) ---------

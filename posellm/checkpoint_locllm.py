@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Any, Literal
 
 import torch
@@ -46,13 +47,9 @@ def rope_inv_freq(head_dim: int, theta: float) -> torch.Tensor:
 
 
 # -- reading ------------------------------------------------------------------------------------------------------
-def read_weights(root: Path) -> dict[str, torch.Tensor]:
-    """All tensors of a (possibly sharded) `model*.safetensors` or `pytorch_model*.bin` checkpoint."""
-    def load(file: Path) -> dict[str, torch.Tensor]:
-        if file.suffix == ".safetensors":
-            return load_file(str(file))
-        return torch.load(file, map_location="cpu", weights_only=True)  # never unpickle arbitrary objects
-
+def weight_files(root: Path) -> list[Path]:
+    """The weight files of a (possibly sharded) `model*.safetensors` or `pytorch_model*.bin` checkpoint, in index
+    order; every name checked to stay inside `root`."""
     for index_name, pattern in (("model.safetensors.index.json", "model*.safetensors"),
                                 ("pytorch_model.bin.index.json", "pytorch_model*.bin")):
         index = root / index_name
@@ -65,20 +62,27 @@ def read_weights(root: Path) -> dict[str, torch.Tensor]:
             absent = [f.name for f in files if not f.is_file()]
             if absent:
                 raise CheckpointError(f"{index}: shard files missing: {absent}")
-        else:
-            files = [_inside(root, f.name, f"{root}") for f in sorted(root.glob(pattern))]  # a symlink out fails
-            if not files:
-                continue
-        state: dict[str, torch.Tensor] = {}
-        for file in files:
-            shard = load(file)
-            dup = sorted(set(shard) & set(state))
-            if dup:
-                raise CheckpointError(f"{file}: tensors already in another shard: {dup[:10]}")
-            state.update(shard)
-        return state
+            return files
+        files = [_inside(root, f.name, f"{root}") for f in sorted(root.glob(pattern))]  # a symlink out fails
+        if files:
+            return files
     raise CheckpointError(f"{root}: no weights: expected model*.safetensors or pytorch_model*.bin "
                           f"(sharded with their .index.json)")
+
+
+def read_weights(root: Path) -> dict[str, torch.Tensor]:
+    """All tensors of a (possibly sharded) `model*.safetensors` or `pytorch_model*.bin` checkpoint."""
+    state: dict[str, torch.Tensor] = {}
+    for file in weight_files(root):
+        if file.suffix == ".safetensors":
+            shard = load_file(str(file))
+        else:
+            shard = torch.load(file, map_location="cpu", weights_only=True)  # never unpickle arbitrary objects
+        dup = sorted(set(shard) & set(state))
+        if dup:
+            raise CheckpointError(f"{file}: tensors already in another shard: {dup[:10]}")
+        state.update(shard)
+    return state
 
 
 def _inside(root: Path, name: object, where: str) -> Path:
@@ -158,6 +162,31 @@ def config_from_locllm(config: dict[str, Any], state: dict[str, torch.Tensor], r
     return cfg
 
 
+def is_inv_freq(key: str) -> bool:
+    return _INV_FREQ.match(key) is not None
+
+
+def inv_freq_problems(key: str, value: torch.Tensor, cfg: PoseLLMConfig) -> list[str]:
+    """[] if a saved RoPE `inv_freq` buffer is what cfg's head_dim and rope_theta give (to its dtype's precision)."""
+    want = rope_inv_freq(cfg.llm.head_dim, cfg.llm.rope_theta).to(value.dtype).float()
+    rtol = max(1e-4, 2 * torch.finfo(value.dtype).eps) if value.is_floating_point() else 1e-4
+    if value.shape == want.shape and torch.allclose(value.float(), want, rtol=rtol, atol=0.0):
+        return []
+    return [f"mismatched: {key} {list(value.shape)} is not RoPE inv_freq for head_dim {cfg.llm.head_dim}, "
+            f"rope_theta {cfg.llm.rope_theta}"]
+
+
+def stored_name(key: str, stored: Mapping[str, object]) -> str | None:
+    """Our name for a stored LocLLM tensor; None for a LayerScale `.weight` alias whose `.gamma` is stored too
+    (`.gamma` is the stored name and wins)."""
+    alias = _LAYER_SCALE_ALIAS.match(key)
+    if alias:
+        if f"{alias.group(1)}.gamma" in stored:
+            return None
+        key = f"{alias.group(1)}.gamma"
+    return to_ours(key)
+
+
 def load_locllm(path: str | Path, *, dtype: torch.dtype | None = torch.float32) -> PoseLLM:
     """Import a LocLLM/PoseLLM `from_pretrained` directory (strict: one error lists every bad tensor)."""
     root = Path(path)
@@ -165,23 +194,15 @@ def load_locllm(path: str | Path, *, dtype: torch.dtype | None = torch.float32) 
     _check_model_type(config, root / LOCLLM_CONFIG)  # before reading (possibly huge) weights
     raw = read_weights(root)
     cfg = config_from_locllm(config, raw, root)
-    expected_freq = rope_inv_freq(cfg.llm.head_dim, cfg.llm.rope_theta)
     state: dict[str, torch.Tensor] = {}
     problems: list[str] = []
     for key, value in raw.items():
-        if _INV_FREQ.match(key):  # transformers 4.31 saved RoPE buffers: derivable, so check and drop
-            want = expected_freq.to(value.dtype).float()
-            rtol = max(1e-4, 2 * torch.finfo(value.dtype).eps) if value.is_floating_point() else 1e-4
-            if value.shape != want.shape or not torch.allclose(value.float(), want, rtol=rtol, atol=0.0):
-                problems.append(f"mismatched: {key} {list(value.shape)} is not RoPE inv_freq for head_dim "
-                                f"{cfg.llm.head_dim}, rope_theta {cfg.llm.rope_theta}")
+        if is_inv_freq(key):  # transformers 4.31 saved RoPE buffers: derivable, so check and drop
+            problems += inv_freq_problems(key, value, cfg)
             continue
-        alias = _LAYER_SCALE_ALIAS.match(key)
-        if alias:  # LayerScale spelled `.weight`: `.gamma` is the stored name and wins when both are present
-            if f"{alias.group(1)}.gamma" in raw:
-                continue
-            key = f"{alias.group(1)}.gamma"
-        state[to_ours(key)] = value
+        ours = stored_name(key, raw)
+        if ours is not None:
+            state[ours] = value
     return build_from_state(cfg, state, str(root), dtype=dtype, problems=problems, display=to_locllm)
 
 

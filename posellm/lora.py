@@ -13,6 +13,16 @@ from torch import nn
 from torch.nn import functional as F
 
 
+def lora_delta(a: torch.Tensor, b: torch.Tensor, scaling: float) -> torch.Tensor:
+    """scale * B @ A in fp32 (the one formula every merge uses: in-memory modules and streamed export alike)."""
+    return (b.float() @ a.float()) * scaling
+
+
+def merged_weight(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float) -> torch.Tensor:
+    """W + scale * B @ A, summed in fp32 and returned in W's dtype."""
+    return (weight.float() + lora_delta(a, b, scaling)).to(weight.dtype)
+
+
 class LoRALinear(nn.Linear):
     def __init__(self, in_features: int, out_features: int, r: int, alpha: float, dropout: float = 0.0,
                  bias: bool = False) -> None:
@@ -31,14 +41,14 @@ class LoRALinear(nn.Linear):
         return out + F.linear(F.linear(self.lora_dropout(x), self.lora_A), self.lora_B) * self.scaling
 
     def delta(self) -> torch.Tensor:
-        return (self.lora_B.float() @ self.lora_A.float()) * self.scaling
+        return lora_delta(self.lora_A, self.lora_B, self.scaling)
 
     def merged(self) -> nn.Linear:
         """A plain nn.Linear holding W + scale * B @ A (computed in fp32, stored in the weight's dtype)."""
         plain = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
                           device=self.weight.device, dtype=self.weight.dtype)
         with torch.no_grad():
-            plain.weight.copy_((self.weight.float() + self.delta()).to(self.weight.dtype))
+            plain.weight.copy_(merged_weight(self.weight, self.lora_A, self.lora_B, self.scaling))
             if self.bias is not None:
                 plain.bias.copy_(self.bias)
         return plain

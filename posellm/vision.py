@@ -13,6 +13,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .config import LoRAConfig, VisionConfig
+from .lora import lora_delta
 
 
 class PatchEmbed(nn.Module):
@@ -42,6 +43,17 @@ class Mlp(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(self.act(self.fc1(x)))
+
+
+def merge_qkv_lora(qkv: torch.Tensor, a_q: torch.Tensor, b_q: torch.Tensor, a_v: torch.Tensor, b_v: torch.Tensor,
+                   scaling: float) -> torch.Tensor:
+    """The fused qkv weight with the q and v adapters folded into its first and last thirds (fp32 sums, qkv's dtype)."""
+    dim = qkv.shape[1]
+    with torch.no_grad():
+        w = qkv.float().clone()  # .float() of an fp32 weight is the weight itself: never add into the caller's
+        w[:dim] += lora_delta(a_q, b_q, scaling)
+        w[2 * dim:] += lora_delta(a_v, b_v, scaling)
+    return w.to(qkv.dtype)
 
 
 class Attention(nn.Module):
@@ -82,12 +94,9 @@ class Attention(nn.Module):
         """Fold the q/v adapters into the fused qkv weight and drop them."""
         if self.lora_r == 0:
             return
-        dim = self.proj.in_features
         with torch.no_grad():
-            w = self.qkv.weight.float()
-            w[:dim] += (self.lora_B_q.float() @ self.lora_A_q.float()) * self.lora_scaling
-            w[2 * dim:] += (self.lora_B_v.float() @ self.lora_A_v.float()) * self.lora_scaling
-            self.qkv.weight.copy_(w.to(self.qkv.weight.dtype))
+            self.qkv.weight.copy_(merge_qkv_lora(self.qkv.weight, self.lora_A_q, self.lora_B_q, self.lora_A_v,
+                                                 self.lora_B_v, self.lora_scaling))
         for name in ("lora_A_q", "lora_B_q", "lora_A_v", "lora_B_v", "lora_dropout"):
             delattr(self, name)
         self.lora_r = 0

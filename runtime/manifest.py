@@ -63,6 +63,17 @@ TENSORRT_BACKENDS = ("tensorrt", "onnxruntime-trt")
 
 
 @dataclass(frozen=True)
+class ExportStats:
+    """How this variant was exported: its bytes on disk and the export process's peak resident memory while it was
+    written (and validated), so a user can size the machine before exporting a bigger checkpoint."""
+
+    bytes: int  # graphs + external data + embedding table
+    peak_rss_bytes: int  # the export process's peak RSS from its start to the end of this variant (validation incl.)
+    export_seconds: float
+    validation_seconds: float | None  # None: exported with --skip-validate
+
+
+@dataclass(frozen=True)
 class Variant:
     precision: str  # fp32 | fp16 | int8 | int4 | int8wo (weight-only)
     vision: GraphSpec
@@ -73,6 +84,7 @@ class Variant:
     # int4/int8wo: the decoder above is onnxruntime's MatMulNBits form; TensorRT gets the ONNX-standard blocked
     # DequantizeLinear form of the same quantized weights (with fp16 activations) from here
     tensorrt: GraphForm | None = None
+    export: ExportStats | None = None  # absent in post-hoc variants (int8, int4, int8wo)
 
     def form(self, backend: str) -> GraphForm:
         """The graphs a backend runs: the TensorRT form where there is one, else the variant's own graphs."""

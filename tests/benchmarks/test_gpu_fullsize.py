@@ -26,6 +26,10 @@ def test_tiny_cpu_run_writes_complete_results(tokenizer_dir, tmp_path):
     assert res["token_agreement"] == res["first_token_agreement"] == 1.0
     assert res["max_logit_diff"] < 1e-3 and res["image_embed_max_err"] < 1e-3
     assert res["export_validation"]["passed"] is True
+    # the plain-PyTorch template baseline, side by side: both force the template, so fp32 tokens agree exactly
+    assert res["torch_template_token_agreement"] == 1.0 and res["torch_template_ms_per_person"] > 0
+    assert res["speedup_vs_torch_template"] == pytest.approx(
+        res["torch_template_ms_per_person"] / res["runtime_ms_per_person"], rel=0.01)
     assert res["runtime_backend"]["providers"]["decoder"] == ["CPUExecutionProvider"]
     assert res["runtime_ms_per_person"] > 0 and res["reference_ms_per_person"] > 0 and res["export_s"] > 0
     assert res["speedup_vs_reference"] == pytest.approx(

@@ -188,6 +188,62 @@ def test_checkpoint_without_tokenizer_names_missing_files(tmp_path, tiny_checkpo
     assert not (tmp_path / "b").exists()
 
 
+def test_streamed_weights_are_the_merged_checkpoint(locllm_bundle, locllm_checkpoint):
+    """Every weight matrix the streamed export wrote equals the eagerly loaded, LoRA-merged model's (cast to the
+    variant dtype) bit for bit, as stored or transposed (MatMul constants): what the old whole-model export held."""
+    from posellm.checkpoint import load_checkpoint
+    model = load_checkpoint(locllm_checkpoint)
+    model.merge_lora()
+    state = model.state_dict()
+    for precision, file, graph in _graphs(locllm_bundle):
+        dtype = np.float16 if precision == "fp16" else np.float32
+        matrices = {}
+        for t in state.values():
+            if t.dim() == 2:
+                a = t.float().numpy().astype(dtype)
+                matrices.setdefault(a.shape, []).append(a)
+                matrices.setdefault(a.T.shape, []).append(np.ascontiguousarray(a.T))
+        weights = [onnx.numpy_helper.to_array(t, base_dir=str(locllm_bundle / precision))
+                   for t in graph.graph.initializer if len(t.dims) == 2 and min(t.dims) > 1]
+        assert weights, file
+        unmatched = [w.shape for w in weights if not any(np.array_equal(w, m) for m in matrices.get(w.shape, []))]
+        assert unmatched == [], f"{file}: weights not found in the merged model: {unmatched}"
+
+
+def test_external_data_path_equals_inline(tmp_path, tiny_checkpoint, tiny_bundle, monkeypatch):
+    """Full-width graphs (> 1 GB) stream into `<graph>.data`: forced here at tiny size, the bundle validates, its
+    manifest lists the data files, and onnxruntime gives bit-identical outputs to the inline bundle's."""
+    import onnxruntime as ort
+    from exporter import onnx_export
+    monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_THRESHOLD", 0)
+    out = tmp_path / "ext"
+    result = export_bundle(ExportConfig(tiny_checkpoint, out, precisions=("fp32", "fp16"), max_persons=3))
+    assert result.validation["passed"]
+    m = load_manifest(out)
+    rng = np.random.default_rng(0)
+    for precision, v in m.variants.items():
+        assert v.vision.external_data == (f"{precision}/vision.onnx.data",)
+        assert v.decoder.external_data == (f"{precision}/decoder.onnx.data",)
+        inline = load_manifest(tiny_bundle).variants[precision]
+        assert inline.vision.external_data == ()
+        px = rng.standard_normal((2, 3, m.preprocess.crop_size, m.preprocess.crop_size)).astype(np.float32)
+        a, b = (ort.InferenceSession(str(root / g.vision.file)).run(None, {"pixel_values": px})[0]
+                for root, g in ((out, v), (tiny_bundle, inline)))
+        print(f"{precision}: external vs inline vision max diff {np.abs(a.astype(float) - b).max():.1e} (exact)")
+        assert np.array_equal(a, b)
+
+
+def test_manifest_records_bytes_and_peak_rss(tiny_bundle):
+    """Each variant's export stats: its bytes on disk (graphs + data + embedding table) and a peak RSS."""
+    m = load_manifest(tiny_bundle)
+    for precision, v in m.variants.items():
+        files = [v.vision.file, v.decoder.file, v.embedding, *v.vision.external_data, *v.decoder.external_data]
+        assert v.export is not None, precision
+        assert v.export.bytes == sum((tiny_bundle / f).stat().st_size for f in files), precision
+        assert 50e6 < v.export.peak_rss_bytes < 8e9, precision  # the interpreter + torch alone are > 50 MB
+        assert v.export.export_seconds > 0 and v.export.validation_seconds > 0
+
+
 def test_bad_export_options():
     with pytest.raises(InputError, match="int4"):
         ExportConfig(Path("x"), Path("y"), precisions=("int4",))
