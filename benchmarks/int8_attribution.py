@@ -6,7 +6,6 @@ fp32 decoder; fp32 vision + int8 weight-only decoder) on the same persons, templ
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 

@@ -16,6 +16,7 @@ import torch
 
 from exporter.validate import ValidationError, format_checks, reference_outputs, validate_variant
 from posellm.checkpoint import load_checkpoint
+from posellm.lazy_weights import InMemoryWeights
 from posellm.model import PoseLLM
 from runtime.manifest import Manifest, Variant
 
@@ -70,9 +71,9 @@ def validate_against_pytorch(checkpoint: Path, manifest: Manifest, bundle: Path,
                                 d.logits_positions, digits)
 
     model = load_merged(checkpoint)
-    ref_fp32 = reference_outputs(model)
+    ref_fp32 = reference_outputs(InMemoryWeights(model))
     carry_dequantized(model, bundle / fp32.decoder.file, quantized)
-    ref_deq = reference_outputs(model)
+    ref_deq = reference_outputs(InMemoryWeights(model))
     same = {"matmul_nbits": run(ref_deq, nbits_decoder, "fp32"), "qdq": run(ref_deq, qdq_decoder, qdq_precision)}
     for form, checks in same.items():
         log(format_checks(f"{form} vs torch(dequantized)", checks))

@@ -33,14 +33,18 @@ def _export(module: torch.nn.Module, placeholders: PlaceholderModel, args: tuple
         literal_zero_reshapes(model)
         onnx.save_model(model, str(path))  # the graph; its external weights are already in place
         del model
-        # Valid under the ONNX spec, not just under onnxruntime (checked on the file: external weights not loaded).
-        problems = reshape_problems(onnx.load(str(path), load_external_data=False), dynamic_ranges)
-        if problems:
-            raise RuntimeError(f"{path.name}: {len(problems)} spec-invalid Reshape(s): " + "; ".join(problems))
+        check_reshapes(path, dynamic_ranges)
     except BaseException:
         path.unlink(missing_ok=True)
         (path.parent / (path.name + ".data")).unlink(missing_ok=True)
         raise
+
+
+def check_reshapes(path: Path, dynamic_ranges: dict[str, tuple[int, int]]) -> None:
+    """Valid under the ONNX spec, not just under onnxruntime (checked on the file: external weights not loaded)."""
+    problems = reshape_problems(onnx.load(str(path), load_external_data=False), dynamic_ranges)
+    if problems:
+        raise RuntimeError(f"{path.name}: {len(problems)} spec-invalid Reshape(s): " + "; ".join(problems))
 
 
 def literal_zero_reshapes(model: onnx.ModelProto) -> None:
