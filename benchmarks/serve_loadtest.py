@@ -175,8 +175,8 @@ def main(argv: list[str] | None = None) -> int:
                          replicas=args.replicas, threads=args.threads)
     report: dict = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
                                 "loadavg_start": os.getloadavg(),
-                                "note": "shared 2-core VM (other agents and a training run use the same cores): "
-                                        "absolute figures vary run to run; the ratio is measured side by side"},
+                                "note": "other jobs may share the machine (loadavg_start / loadavg_end): absolute "
+                                        "figures vary run to run; the ratio is measured side by side"},
                     "config": {**config.__dict__, "bundle": str(config.bundle)},
                     "dataset": {"coco": str(args.coco), "images": len(requests),
                                 "persons": sum(len(r.boxes) for r in requests)}}
