@@ -25,7 +25,6 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,99 +37,11 @@ from runtime.preprocess import CLIP_MEAN, CLIP_STD
 from runtime.prompts import PromptTokenizer
 
 from .checkpoint import load_checkpoint, save_native
-from .config import LLMConfig, LoRAConfig, PoseLLMConfig, VisionConfig, _strict
-from .data.synthetic import DOMAIN_KEYS
 from .model import PoseLLM
 from .small_tokenizer import build_small_tokenizer
+from .train_config import PhaseConfig, TrainConfig
 from .train_data import Augment, PersonSet, Sampler, SequenceBuilder, ensure_dataset
-
-
-@dataclass(frozen=True)
-class PhaseConfig:
-    steps: int
-    minutes: float = 0.0  # wall-clock cap (0 = none)
-    lr: float = 1e-3
-    warmup_frac: float = 0.03
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    # model
-    crop_size: int = 112
-    patch_size: int = 14
-    vit_dim: int = 128
-    vit_depth: int = 4
-    vit_heads: int = 4
-    llm_hidden: int = 128
-    llm_layers: int = 4
-    llm_heads: int = 4
-    llm_intermediate: int = 344
-    lora_r: int = 8
-    lora_alpha: float = 16.0
-    lora_dropout: float = 0.05
-    llm_init_std: float = 0.0  # >0: re-initialise the LLM's linear and embedding weights N(0, std); 0 = HF 0.02
-    # data
-    data_dir: str = "/tmp/posellm-synth"
-    train_images: int = 4000
-    train_seed: int = 1000
-    val_images: int = 80
-    val_seed: int = 2000
-    max_rounds: int = 5
-    augment: bool = True
-    rot_factor: float = 40.0  # augmentation rotation ±deg (p 0.5), LocLLM's 40
-    # synthetic domain (SyntheticConfig), the same for train, probe and val sets
-    background: str = "mixed"
-    occluder_prob: float = 0.3
-    truncation_prob: float = 0.15
-    max_persons: int = 3
-    probe_images: int = 0  # >0: AP on this many images of probe_seed (never the val seed) at each base checkpoint
-    probe_seed: int = 3000
-    # optimisation
-    seed: int = 0
-    batch_size: int = 16
-    weight_decay: float = 0.05
-    grad_clip: float = 1.0
-    vision: PhaseConfig = PhaseConfig(steps=0)  # optional ViT warm-up (0 steps = none)
-    vision_batch_size: int = 64
-    pointer_weight: float = 0.0  # base phase: attention supervision (see lm_loss); 0 = plain cross-entropy
-    pointer_layer: int = 1
-    heatmap_weight: float = 0.0  # base phase: keep the vision warm-up's heatmap loss on the ViT tokens
-    base: PhaseConfig = PhaseConfig(steps=1000)
-    finetune: PhaseConfig = PhaseConfig(steps=200, lr=5e-4)
-    log_every: int = 10
-    checkpoint_minutes: float = 5.0
-    threads: int = 2
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
-        data = dict(data)
-        for key in ("vision", "base", "finetune"):
-            if key in data:
-                data[key] = _strict(PhaseConfig, data[key], key)
-        return _strict(cls, data, "train config")
-
-    @classmethod
-    def load(cls, path: str | Path) -> TrainConfig:
-        return cls.from_dict(json.loads(Path(path).read_text()))
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    def domain(self) -> dict[str, Any]:
-        """SyntheticConfig overrides of the data domain (`python -m posellm.data.synthetic` flags of the same names)."""
-        return {key: getattr(self, key) for key in DOMAIN_KEYS}
-
-    def model_config(self, vocab_size: int, image_token_id: int, lora: bool) -> PoseLLMConfig:
-        grid = self.crop_size // self.patch_size
-        return PoseLLMConfig(
-            vision=VisionConfig(embed_dim=self.vit_dim, depth=self.vit_depth, num_heads=self.vit_heads,
-                                patch_size=self.patch_size, pos_grid=grid),
-            llm=LLMConfig(vocab_size=vocab_size, hidden_size=self.llm_hidden, intermediate_size=self.llm_intermediate,
-                          num_hidden_layers=self.llm_layers, num_attention_heads=self.llm_heads,
-                          num_key_value_heads=self.llm_heads, max_position_embeddings=1024),
-            connector="mlp2x_gelu", crop_size=self.crop_size, normalization="clip", image_token_id=image_token_id,
-            lora=LoRAConfig(llm_enable=lora, llm_r=self.lora_r, llm_alpha=self.lora_alpha, vision_enable=lora,
-                            vision_r=self.lora_r, vision_alpha=self.lora_alpha, dropout=self.lora_dropout))
+from .train_losses import heatmap_loss, heatmap_probe, lm_loss
 
 
 class Log:
@@ -222,118 +133,6 @@ def train_phase(model: torch.nn.Module, loss_fn: Callable[[], Any], phase: Phase
         model.eval()
         log(f"{name} probe at step {step}: {probe()}")
     return losses
-
-
-def lm_loss(model: PoseLLM, sampler: Sampler, cfg: TrainConfig, pointer_weight: float = 0.0,
-            heads: torch.nn.ModuleList | None = None, heatmap_weight: float = 0.0) -> Callable[[], Any]:
-    """Answer-only cross-entropy of a fresh multi-round batch (HF shifts the labels).
-
-    pointer_weight > 0 adds an attention-supervision term: at every row that predicts an answer token, head 0 of
-    LLM layer `pointer_layer` should put its attention on the image tokens as the bilinear splat of that round's
-    keypoint over the patch grid (cross-entropy; that head's attention is recomputed for those rows only, see
-    PointerProbe, so the LLM keeps its fused attention). It forms the "look up keypoint k" circuit
-    that plain cross-entropy only finds after a long plateau; the fine-tune phase uses plain cross-entropy.
-    heatmap_weight > 0 (with the warm-up's `heads`) keeps the vision warm-up loss on the same crops' ViT tokens, so
-    the ViT keeps localising while the LLM learns to read it.
-    """
-    pointer = PointerProbe(model.llm.model.layers[cfg.pointer_layer].self_attn) if pointer_weight > 0 else None
-
-    def loss() -> torch.Tensor:
-        batch = sampler.batch(cfg.batch_size, pointer=pointer_weight > 0, heat=heatmap_weight > 0)
-        if pointer_weight <= 0 and heatmap_weight <= 0:
-            return model(**batch).loss
-        rows, target = batch.pop("pointer_rows", None), batch.pop("pointer_target", None)
-        heat_target = batch.pop("heat_target", None)
-        mask = batch["attention_mask"]
-        tokens = model.vision_model(batch["pixel_values"])
-        out = model.llm(inputs_embeds=model.embed(batch["input_ids"], model.mm_projector(tokens)),
-                        attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
-                        labels=batch["labels"], use_cache=False)
-        total = out.loss
-        if pointer is not None:
-            start = sampler.builder.image_start
-            attn = pointer.attention(rows)[:, start:start + target.shape[1]]
-            total = total + pointer_weight * -(target * torch.log(attn + 1e-6)).sum(-1).mean()
-        if heatmap_weight > 0:
-            heat, where = heat_terms(model, heads, tokens, heat_target)
-            total = total + heatmap_weight * (heat + 10.0 * where)
-        return total, out.loss.detach()
-    return loss
-
-
-class PointerProbe:
-    """Head 0's attention of one LlamaAttention for chosen query rows, recomputed from the inputs that module saw
-    in the last forward (a pre-hook keeps them): eager attention for 1 head × the supervised rows instead of
-    `output_attentions` (eager, every head of every layer, ~2.4× the cost of an SDPA step here). Causal masking is
-    enough: sequences are right-padded, so a real row never sees padding."""
-
-    def __init__(self, attn: torch.nn.Module) -> None:
-        self.attn = attn
-        self.inputs: dict[str, Any] = {}
-        attn.register_forward_pre_hook(self._keep, with_kwargs=True)
-
-    def _keep(self, module, args, kwargs) -> None:
-        self.inputs = {"hidden_states": kwargs.get("hidden_states", args[0] if args else None),
-                       "position_embeddings": kwargs.get("position_embeddings")}
-
-    def attention(self, rows: torch.Tensor) -> torch.Tensor:
-        """rows [P, 2] (batch row, query position) → attention probabilities [P, sequence] of head 0."""
-        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
-        h, (cos, sin) = self.inputs["hidden_states"], self.inputs["position_embeddings"]
-        d = self.attn.head_dim
-        q = self.attn.q_proj(h)[..., :d].unsqueeze(1)  # [B, 1, T, d]
-        k = self.attn.k_proj(h)[..., :d].unsqueeze(1)
-        q, k = apply_rotary_pos_emb(q, k, cos, sin)
-        scores = (q[rows[:, 0], 0, rows[:, 1]].unsqueeze(1) * k[rows[:, 0], 0]).sum(-1) * self.attn.scaling
-        keys = torch.arange(h.shape[1], device=h.device)
-        return scores.masked_fill(keys[None, :] > rows[:, 1:2], float("-inf")).softmax(-1)
-
-
-def patch_centres(grid: int) -> torch.Tensor:
-    """[grid², 2] patch centres as (x, y) / crop side, row-major like the image tokens."""
-    ij = torch.stack(torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="xy"), -1).reshape(-1, 2)
-    return (ij.float() + 0.5) / grid
-
-
-def heat_terms(model: PoseLLM, heads: torch.nn.ModuleList, tokens: torch.Tensor, target: torch.Tensor
-               ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(per-keypoint cross-entropy of a softmax over the patches against the bilinear splat (heads[0]),
-    L1 of each token's own patch centre / crop (heads[1])) on ViT tokens [B, patches, dim]."""
-    logp = heads[0](tokens).transpose(1, 2).log_softmax(-1)  # [B, 17, patches]
-    labelled = target.sum(-1) > 0
-    heat = -(target * logp).sum(-1)[labelled].mean()
-    return heat, (heads[1](tokens) - patch_centres(model.cfg.grid)).abs().mean()
-
-
-def heatmap_loss(model: PoseLLM, heads: torch.nn.ModuleList, sampler: Sampler, batch_size: int
-                 ) -> Callable[[], torch.Tensor]:
-    """Vision warm-up on the patch tokens: heat_terms' heatmap cross-entropy + 10 × its patch-centre L1, so that
-    a token the LLM attends to also tells it *where* it is (values carry no RoPE position)."""
-    patch = model.cfg.vision.patch_size
-
-    def loss() -> tuple[torch.Tensor, torch.Tensor]:
-        pixels, target, _ = sampler.heatmap_batch(batch_size, patch)
-        heat, where = heat_terms(model, heads, model.vision_model(pixels), target)
-        return heat + 10.0 * where, heat.detach()
-    return loss
-
-
-def heatmap_probe(model: PoseLLM, heads: torch.nn.ModuleList, batch: tuple[torch.Tensor, ...]) -> Callable[[], str]:
-    """Pixel error of the heatmap's expected position (soft-argmax) on fixed un-augmented probe crops: the
-    localisation the LLM can at best read out (AP >= 50 needs ~2 px at 112 px)."""
-    pixels, target, coords = batch
-    crop = model.cfg.crop_size
-
-    def probe() -> str:
-        with torch.no_grad():
-            tokens = model.vision_model(pixels)
-            prob = heads[0](tokens).transpose(1, 2).softmax(-1)
-            heat, _ = heat_terms(model, heads, tokens, target)
-        labelled = target.sum(-1) > 0
-        err = ((prob @ patch_centres(model.cfg.grid) - coords).norm(dim=-1) * crop)[labelled]
-        return (f"heat ce {float(heat):.3f}, soft-argmax error mean {float(err.mean()):.2f} px, "
-                f"median {float(err.median()):.2f} px ({int(labelled.sum())} keypoints)")
-    return probe
 
 
 def enable_lora(base: PoseLLM, cfg: TrainConfig) -> PoseLLM:

@@ -14,7 +14,7 @@ from exporter.bundle import ExportConfig, export_bundle
 from posellm.checkpoint import load_checkpoint
 from posellm.data.synthetic import ANNOTATION_FILE, SyntheticConfig, generate_dataset, render_image
 from posellm.reference import ReferenceEstimator
-from posellm.train import TrainConfig
+from posellm.train_config import TrainConfig
 from runtime.coco import read_coco_persons
 from runtime.estimator import Estimator, EstimatorConfig
 from runtime.preprocess import load_image
