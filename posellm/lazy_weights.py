@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from abc import ABC, abstractmethod
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -40,20 +41,22 @@ def expected_shapes(cfg: PoseLLMConfig) -> dict[str, torch.Tensor]:
         return dict(PoseLLM(cfg).state_dict())
 
 
-class WeightSource:
+class WeightSource(ABC):
     """Merged fp32 tensors of a PoseLLM by our state-dict names (those of `PoseLLM(cfg)`, `cfg` merged)."""
 
     cfg: PoseLLMConfig
 
+    @abstractmethod
     def get(self, name: str) -> torch.Tensor:
-        raise NotImplementedError
+        """One merged fp32 tensor."""
 
     def get_many(self, names: Iterable[str]) -> dict[str, torch.Tensor]:
         """Several tensors (a layer, the small ones): a reader may open each file once for all of them."""
         return {n: self.get(n) for n in names}
 
+    @abstractmethod
     def stored_dtypes(self) -> set[torch.dtype]:
-        raise NotImplementedError
+        """The floating dtypes the weights are stored in (bf16 / fp16 / fp32)."""
 
 
 class _Entry:
