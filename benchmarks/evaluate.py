@@ -50,16 +50,18 @@ def variant_name(bundle: Path, precision: str, decoding: str, several_bundles: b
     return f"{Path(bundle).name}:{name}" if several_bundles else name
 
 
-def _grouped(cfg: EvalConfig) -> "OrderedDict[int, list]":
+def persons_by_image(coco: Path, max_images: int | None = None) -> "OrderedDict[int, list]":
+    """The annotation file's person records grouped by image, in file order (the first `max_images` images)."""
     by_image: OrderedDict[int, list] = OrderedDict()
-    for rec in read_coco_persons(cfg.coco):
+    for rec in read_coco_persons(coco):
         by_image.setdefault(rec.image_id, []).append(rec)
-    if cfg.max_images:
-        by_image = OrderedDict(list(by_image.items())[: cfg.max_images])
+    if max_images:
+        by_image = OrderedDict(list(by_image.items())[:max_images])
     return by_image
 
 
-def _run(name: str, estimator, by_image, image_dir: Path) -> VariantRun:
+def run_variant(name: str, estimator, by_image, image_dir: Path) -> VariantRun:
+    """Every person of `by_image` through `estimator` (GT centre/scale crops): COCO predictions and results."""
     t0 = time.perf_counter()
     preds, results = [], []
     for image_id, records in by_image.items():
@@ -91,7 +93,7 @@ def evaluate(cfg: EvalConfig, log=print) -> dict:
     from runtime.prompts import PromptTokenizer
     from tokenizers import Tokenizer
 
-    by_image = _grouped(cfg)
+    by_image = persons_by_image(cfg.coco, cfg.max_images)
     ids = list(by_image)
     persons = sum(len(v) for v in by_image.values())
     log(f"{len(by_image)} images, {persons} persons from {cfg.coco}")
@@ -99,7 +101,7 @@ def evaluate(cfg: EvalConfig, log=print) -> dict:
     tokenizer = PromptTokenizer(Tokenizer.from_file(str(first / "tokenizer.json")))
     model = load_checkpoint(cfg.checkpoint)
     reference = ReferenceEstimator(model.merge_lora() if model.has_lora() else model, tokenizer)
-    ref = _run("reference", reference, by_image, cfg.images)
+    ref = run_variant("reference", reference, by_image, cfg.images)
     report: dict = {"coco": str(cfg.coco), "persons": persons, "checkpoint": str(cfg.checkpoint),
                     "reference": {"name": "reference", **coco_keypoint_metrics(cfg.coco, ref.predictions, ids),
                                   "token_agreement": 1.0, "seconds": round(ref.seconds, 3)},
@@ -113,7 +115,7 @@ def evaluate(cfg: EvalConfig, log=print) -> dict:
                 name = variant_name(bundle, precision, decoding, len(cfg.bundles) > 1)
                 est = Estimator(bundle, EstimatorConfig(precision=precision, decoding=decoding,
                                                         backend=cfg.backend, verify=False))
-                run = _run(name, est, by_image, cfg.images)
+                run = run_variant(name, est, by_image, cfg.images)
                 entry = {"name": name, "bundle": str(bundle), "precision": precision, "decoding": decoding,
                          **coco_keypoint_metrics(cfg.coco, run.predictions, ids), **_agreement(ref, run),
                          "seconds": round(run.seconds, 3)}

@@ -9,12 +9,11 @@ import argparse
 import sys
 from pathlib import Path
 
-from runtime.coco import read_coco_persons
 from runtime.estimator import Estimator, EstimatorConfig
-from runtime.preprocess import load_image
 from runtime.results import write_json
 
 from .coco_metrics import coco_keypoint_metrics
+from .evaluate import persons_by_image, run_variant
 
 
 def estimators(bundle: Path, threads: int | None) -> dict[str, Estimator]:
@@ -31,17 +30,12 @@ def estimators(bundle: Path, threads: int | None) -> dict[str, Estimator]:
 
 def attribute(bundle: Path, coco: Path, images: Path, max_images: int | None = None,
               threads: int | None = None) -> dict[str, dict[str, float]]:
-    by_image: dict[int, list] = {}
-    for rec in read_coco_persons(coco):
-        by_image.setdefault(rec.image_id, []).append(rec)
-    ids = sorted(by_image)[:max_images] if max_images else sorted(by_image)
+    by_image = persons_by_image(coco, max_images)
+    ids = list(by_image)
     report = {}
     for name, est in estimators(bundle, threads).items():
-        preds = []
-        for image_id in ids:
-            image = load_image(images / by_image[image_id][0].file_name)
-            preds += [r.to_coco(image_id) for r in est.estimate_records(image, by_image[image_id])]
-        report[name] = coco_keypoint_metrics(coco, preds, image_ids=ids)
+        run = run_variant(name, est, by_image, images)
+        report[name] = coco_keypoint_metrics(coco, run.predictions, image_ids=ids)
     base = report["fp32"]["AP"]
     for metrics in report.values():
         metrics["dAP_vs_fp32"] = round(metrics["AP"] - base, 3)

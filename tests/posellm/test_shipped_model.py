@@ -10,14 +10,13 @@ import numpy as np
 import pytest
 
 from benchmarks.coco_metrics import coco_keypoint_metrics
+from benchmarks.evaluate import persons_by_image, run_variant
 from exporter.bundle import ExportConfig, export_bundle
 from posellm.checkpoint import load_checkpoint
 from posellm.data.synthetic import ANNOTATION_FILE, SyntheticConfig, generate_dataset, render_image
 from posellm.reference import ReferenceEstimator
 from posellm.train_config import TrainConfig
-from runtime.coco import read_coco_persons
 from runtime.estimator import Estimator, EstimatorConfig
-from runtime.preprocess import load_image
 from runtime.prompts import PromptTokenizer
 
 REPO = Path(__file__).resolve().parents[2]
@@ -70,12 +69,8 @@ def test_shipped_model_localises_through_the_fp32_bundle(tmp_path):
     bundle = export_bundle(ExportConfig(MODEL, tmp_path / "bundle", precisions=("fp32",), max_persons=4,
                                         validate=False), log=lambda msg: None).bundle
     estimator = Estimator(bundle, EstimatorConfig(precision="fp32", decoding="template", threads=1))
-    predictions, by_image = [], {}
-    for rec in read_coco_persons(val / ANNOTATION_FILE):
-        by_image.setdefault(rec.image_id, []).append(rec)
-    for image_id, records in by_image.items():
-        image = load_image(val / "images" / records[0].file_name)
-        predictions += [r.to_coco(image_id) for r in estimator.estimate_records(image, records)]
+    by_image = persons_by_image(val / ANNOTATION_FILE)
+    predictions = run_variant("fp32-template", estimator, by_image, val / "images").predictions
     metrics = coco_keypoint_metrics(val / ANNOTATION_FILE, predictions)
     print(f"{len(predictions)} persons on {len(by_image)} val images: {metrics}")
     assert len(predictions) == sum(len(r) for r in by_image.values())
