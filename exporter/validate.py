@@ -67,11 +67,7 @@ class _StreamedLayer(nn.Module):
     def forward(self, *args, **kwargs):
         with torch.device("meta"):
             layer = LlamaDecoderLayer(self.config, self.index)
-        prefix = f"llm.model.layers.{self.index}."
-        names = list(layer.state_dict())
-        weights = self.source.get_many(prefix + k for k in names)
-        layer.load_state_dict({k: weights[prefix + k] for k in names}, assign=True)
-        return layer.eval()(*args, **kwargs)
+        return _materialize(layer, f"llm.model.layers.{self.index}.", self.source)(*args, **kwargs)
 
 
 def _materialize(module: nn.Module, prefix: str, source: WeightSource) -> nn.Module:
