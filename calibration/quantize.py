@@ -36,9 +36,15 @@ from runtime.preprocess import CropSpec
 from .blockwise import BITS, BLOCK_SIZES, BlockQuantized, quantize_gptq, quantize_rtn
 from .calibrate import _diff, _int8_spec, _publish, weight_bytes
 from .data import array_sha256, load_person_crops
-from .weight_only import HessianTap, load_weight, matmul_weights, write_blocked_qdq, write_matmul_nbits
+from .qdq import QuantizationError
+from .weight_only import (ACCURACY_LEVELS, HessianTap, accuracy_level_twin, load_weight, matmul_weights,
+                          write_blocked_qdq, write_matmul_nbits)
 
 METHODS = ("gptq", "rtn")
+# Level 4 vs level 0 on the same weights: per-block int8 activations moved the shipped model's prefill logits by
+# 1.8% (int8wo) and 2.4% (int4) of max|logits|; a broken kernel or layout moves them by ~100%. A sanity bound,
+# not a quality gate (that is eval's token agreement and ΔAP).
+ACTIVATION_QUANT_BOUND = 0.10
 ARTIFACT_SCHEMA = 1
 
 
@@ -52,6 +58,8 @@ class QuantizeConfig:
     method: str = "gptq"
     samples: int = 16  # persons decoded (template) through the fp32 graphs for GPTQ's statistics
     lm_head: bool = True  # quantize lm_head too (the largest single matrix of a small-vocab model)
+    # MatMulNBits' CPU kernel (weight_only.py): 4 = int8 activations per block (fast), 0 = float math (weight-only)
+    accuracy_level: int = 4
     name: str | None = None  # variant name; default int4 / int8wo
     checkpoint: Path | None = None  # validate against the PyTorch model carrying the dequantized weights
     damp: float = 0.01
@@ -70,6 +78,8 @@ class QuantizeConfig:
             raise InputError("method='gptq' needs calibration crops: pass --coco and --images (or --method rtn)")
         if self.samples < 1:
             raise InputError(f"samples={self.samples}: expected >= 1")
+        if self.accuracy_level not in ACCURACY_LEVELS:
+            raise InputError(f"accuracy_level={self.accuracy_level}: expected one of {list(ACCURACY_LEVELS)}")
         if self.name is not None and (not self.name.isidentifier() or self.name in ("fp32", "fp16", "int8")):
             raise InputError(f"name={self.name!r}: expected a new identifier-like variant name")
 
@@ -133,23 +143,43 @@ def quantize_bundle(cfg: QuantizeConfig, log: Callable[[str], None] = print) -> 
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        cpu_form = write_matmul_nbits(bundle / fp32.decoder.file, tmp / "decoder.onnx", quantized)
+        cpu_form = write_matmul_nbits(bundle / fp32.decoder.file, tmp / "decoder.onnx", quantized,
+                                      cfg.accuracy_level)
         trt_source = fp16 or fp32
         trt_form = write_blocked_qdq(bundle / trt_source.decoder.file, tmp / "decoder_qdq.onnx", quantized)
         decoder_spec = _int8_spec(fp32.decoder, tmp / "decoder.onnx", name)
         qdq_spec = _int8_spec(trt_source.decoder, tmp / "decoder_qdq.onnx", name)
-        checks = _compare_forms(manifest, bundle, fp32, trt_source, tmp, decoder_spec, qdq_spec, cfg.threads)
-        log(f"forms on onnxruntime CPU (prefill logits, {checks['persons']} persons): "
-            f"MatMulNBits vs Q/DQ ({trt_form['activation_dtype']}) max|diff| "
-            f"{checks['matmul_nbits_vs_qdq']['max_abs']:.3e}; MatMulNBits vs fp32 "
-            f"{checks['matmul_nbits_vs_fp32']['max_abs']:.3e} "
-            f"(ref max {checks['matmul_nbits_vs_fp32']['ref_max_abs']:.2f})")
-        validation = None
-        if cfg.checkpoint is not None:
-            from .weight_only_validate import validate_against_pytorch
-            validation = validate_against_pytorch(Path(cfg.checkpoint), manifest, bundle, fp32, quantized,
-                                                  tmp / "decoder.onnx", tmp / "decoder_qdq.onnx",
-                                                  "fp16" if fp16 else "fp32", log)
+        # Exactness checks run on the weight-only twin (accuracy level 0: same file, same weights, float math);
+        # what the shipped level adds — int8 activations — is measured against that twin on its own.
+        shipped = tmp / "decoder.onnx"
+        exact = shipped if cfg.accuracy_level == 0 else accuracy_level_twin(shipped, 0)
+        try:
+            checks = _compare_forms(manifest, bundle, fp32, trt_source, exact, shipped, tmp / "decoder_qdq.onnx",
+                                    decoder_spec, qdq_spec, cfg.threads)
+            log(f"forms on onnxruntime CPU (prefill logits, {checks['persons']} persons): "
+                f"MatMulNBits vs Q/DQ ({trt_form['activation_dtype']}) max|diff| "
+                f"{checks['matmul_nbits_vs_qdq']['max_abs']:.3e}; MatMulNBits vs fp32 "
+                f"{checks['matmul_nbits_vs_fp32']['max_abs']:.3e} "
+                f"(ref max {checks['matmul_nbits_vs_fp32']['ref_max_abs']:.2f})")
+            if "activation_quantization" in checks:
+                a = checks["activation_quantization"]
+                log(f"accuracy level {cfg.accuracy_level} (int8 activations) vs level 0: max|diff| "
+                    f"{a['max_abs']:.3e} ({a['max_abs'] / a['ref_max_abs']:.2%} of max|logits|), last-position "
+                    f"argmax agreement {checks['argmax_agreement_shipped_vs_level0']:.3f}")
+                if a["max_abs"] > ACTIVATION_QUANT_BOUND * a["ref_max_abs"]:
+                    raise QuantizationError(
+                        f"accuracy level {cfg.accuracy_level}: the int8-activation kernels move the prefill logits by "
+                        f"{a['max_abs']:.3e}, more than {ACTIVATION_QUANT_BOUND:.0%} of max|logits| "
+                        f"({a['ref_max_abs']:.3e}); use --accuracy-level 0")
+            validation = None
+            if cfg.checkpoint is not None:
+                from .weight_only_validate import validate_against_pytorch
+                validation = validate_against_pytorch(Path(cfg.checkpoint), manifest, bundle, fp32, quantized,
+                                                      exact, shipped, tmp / "decoder_qdq.onnx",
+                                                      "fp16" if fp16 else "fp32", log)
+        finally:
+            if exact != shipped:
+                exact.unlink(missing_ok=True)
         artifact = {
             "schema": ARTIFACT_SCHEMA, "variant": name, "method": cfg.method, "bits": cfg.bits,
             "block_size": cfg.block_size, "symmetric": True, "scale_dtype": "float16", "lm_head": cfg.lm_head,
@@ -169,7 +199,9 @@ def quantize_bundle(cfg: QuantizeConfig, log: Callable[[str], None] = print) -> 
                          "sha256": sha256_file(tmp / "quantization.json"), "method": cfg.method,
                          "samples": data.get("persons", 0), "data_sha256": data.get("sha256"),
                          "decoder": f"weight-only int{cfg.bits} symmetric, block {cfg.block_size} along the input "
-                                    f"features, fp16 scales{', lm_head included' if cfg.lm_head else ''}"},
+                                    f"features, fp16 scales{', lm_head included' if cfg.lm_head else ''}; "
+                                    f"MatMulNBits accuracy level {cfg.accuracy_level}"
+                                    f"{' (int8 activations on the CPU EP)' if cfg.accuracy_level == 4 else ''}"},
             tensorrt=GraphForm(trt_source.vision, qdq_spec, trt_source.embedding))
         manifest = _publish(bundle, manifest, tmp, variant)
     except BaseException:
@@ -233,10 +265,11 @@ def _collect_hessians(cfg: QuantizeConfig, manifest: Manifest, bundle: Path, fp3
         tap.close()
 
 
-def _compare_forms(manifest: Manifest, bundle: Path, fp32: Variant, trt_source: Variant, tmp: Path,
-                   decoder_spec: GraphSpec, qdq_spec: GraphSpec, threads: int | None) -> dict[str, Any]:
+def _compare_forms(manifest: Manifest, bundle: Path, fp32: Variant, trt_source: Variant, exact: Path, shipped: Path,
+                   qdq: Path, decoder_spec: GraphSpec, qdq_spec: GraphSpec, threads: int | None) -> dict[str, Any]:
     """Prefill logits (prefix + keypoint suffixes with the answer head) of both forms and of fp32, on onnxruntime
-    CPU, for synthetic image embeddings of two persons (the forms are compared, not the vision graph)."""
+    CPU, for synthetic image embeddings of two persons (the forms are compared, not the vision graph). `exact` is
+    the MatMulNBits graph at accuracy level 0; `shipped` the variant's own (the same file when its level is 0)."""
     persons = min(2, manifest.max_persons)
     rng = np.random.default_rng(0)
     embeds = rng.standard_normal((persons, manifest.dims.num_patches, manifest.dims.hidden_size)).astype(np.float32)
@@ -252,9 +285,15 @@ def _compare_forms(manifest: Manifest, bundle: Path, fp32: Variant, trt_source: 
         return runner.to_numpy(out.logits).astype(np.float32)
 
     ref = prefill(bundle / fp32.decoder.file, fp32.decoder, fp32.embedding)
-    nbits = prefill(tmp / "decoder.onnx", decoder_spec, fp32.embedding)
-    qdq = prefill(tmp / "decoder_qdq.onnx", qdq_spec, trt_source.embedding)
-    return {"persons": persons, "inputs": "synthetic image embeddings (seed 0), the bundle's 17 keypoint prompts",
-            "matmul_nbits_vs_qdq": _diff(qdq, nbits), "matmul_nbits_vs_fp32": _diff(nbits, ref),
-            "qdq_vs_fp32": _diff(qdq, ref),
-            "argmax_agreement_nbits_qdq": float((nbits[:, -1].argmax(-1) == qdq[:, -1].argmax(-1)).mean())}
+    nbits = prefill(exact, decoder_spec, fp32.embedding)
+    qdq_logits = prefill(qdq, qdq_spec, trt_source.embedding)
+    out = {"persons": persons, "inputs": "synthetic image embeddings (seed 0), the bundle's 17 keypoint prompts",
+           "matmul_nbits_vs_qdq": _diff(qdq_logits, nbits), "matmul_nbits_vs_fp32": _diff(nbits, ref),
+           "qdq_vs_fp32": _diff(qdq_logits, ref),
+           "argmax_agreement_nbits_qdq": float((nbits[:, -1].argmax(-1) == qdq_logits[:, -1].argmax(-1)).mean())}
+    if shipped != exact:
+        ours = prefill(shipped, decoder_spec, fp32.embedding)
+        out["activation_quantization"] = _diff(ours, nbits)
+        out["shipped_vs_fp32"] = _diff(ours, ref)
+        out["argmax_agreement_shipped_vs_level0"] = float((ours[:, -1].argmax(-1) == nbits[:, -1].argmax(-1)).mean())
+    return out

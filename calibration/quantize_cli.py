@@ -5,6 +5,7 @@ import argparse
 from pathlib import Path
 
 from .blockwise import BITS, BLOCK_SIZES
+from .weight_only import ACCURACY_LEVELS
 from .quantize import METHODS, QuantizeConfig, quantize_bundle
 
 
@@ -23,6 +24,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="persons decoded through the fp32 graphs for GPTQ's statistics (default: %(default)s)")
     parser.add_argument("--no-lm-head", dest="lm_head", action="store_false",
                         help="keep lm_head in float (quantized by default)")
+    parser.add_argument("--accuracy-level", type=int, choices=ACCURACY_LEVELS, default=d["accuracy_level"].default,
+                        help="MatMulNBits' CPU kernel: 4 quantizes activations to int8 per block (fast: onnxruntime's "
+                             "8-bit float path is far slower than fp32), 0 keeps float math (exactly weight-only); "
+                             "the TensorRT form and the CUDA EP are unaffected (default: %(default)s)")
     parser.add_argument("--name", help="variant name (default: int4 or int8wo)")
     parser.add_argument("--checkpoint", type=Path,
                         help="validate against the PyTorch model carrying the dequantized weights (needs torch)")
@@ -34,7 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     cfg = QuantizeConfig(bundle=args.bundle, coco=args.coco, images=args.images, bits=args.bits,
                          block_size=args.block_size, method=args.method, samples=args.samples, lm_head=args.lm_head,
-                         name=args.name, checkpoint=args.checkpoint, seed=args.seed, overwrite=args.overwrite,
+                         accuracy_level=args.accuracy_level, name=args.name, checkpoint=args.checkpoint, seed=args.seed, overwrite=args.overwrite,
                          threads=args.threads)
     result = quantize_bundle(cfg)
     print(f"{result.variant.precision} variant added to {result.bundle} in {result.seconds:.1f}s")

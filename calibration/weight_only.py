@@ -1,7 +1,11 @@
 """Post-hoc rewrites of an exported decoder graph: its MatMul weights → one block-quantized weight set, two forms.
 
 - `write_matmul_nbits`: each `MatMul(x, W)` becomes onnxruntime's `com.microsoft.MatMulNBits(x, B, scales)`
-  (fast int4/int8 kernels on the CPU and CUDA EPs; dequantizes in the activation dtype).
+  (fast int4/int8 kernels on the CPU and CUDA EPs). Its `accuracy_level` picks the CPU kernel: 0 dequantizes the
+  weights and multiplies in the activation dtype (exactly weight-only, but onnxruntime 1.32's 8-bit fp32 path
+  re-expands every weight per call: 15.9x slower than fp32 at Vicuna-7B width); 4 quantizes each block of
+  activations to int8 on the fly and uses the int8 dot-product kernels (int8wo 0.62x, int4 0.53x fp32's time at
+  that width: `benchmarks/matmul_nbits_width.py`) — onnxruntime-genai's default for CPU int4. The CUDA EP ignores it.
 - `write_blocked_qdq`: each weight becomes `DequantizeLinear(q, scales, axis=0, block_size)` (ONNX opset 21,
   int4/int8, scales in the activation dtype) feeding the unchanged MatMul — the ONNX-standard form TensorRT builds as
   weight-only quantization.
@@ -104,7 +108,14 @@ def _rewrite(src: Path, dst: Path, quantized: Mapping[str, BlockQuantized], opse
     return {"weights": len(quantized), "activation_dtype": dtype.name, "opset": _opset(model)}
 
 
-def write_matmul_nbits(src: Path, dst: Path, quantized: Mapping[str, BlockQuantized]) -> dict[str, Any]:
+ACCURACY_LEVELS = (0, 4)  # MatMulNBits on the CPU EP: 0 = weight-only (float math), 4 = int8 activations per block
+
+
+def write_matmul_nbits(src: Path, dst: Path, quantized: Mapping[str, BlockQuantized],
+                       accuracy_level: int = 0) -> dict[str, Any]:
+    if accuracy_level not in ACCURACY_LEVELS:
+        raise QuantizationError(f"accuracy_level={accuracy_level}: expected one of {list(ACCURACY_LEVELS)}")
+
     def replace(node, weight: str, bq: BlockQuantized, dtype: np.dtype):
         k, n = bq.q.shape
         b = numpy_helper.from_array(pack_matmul_nbits(bq), f"{weight}_Q{bq.bits}")
@@ -112,11 +123,27 @@ def write_matmul_nbits(src: Path, dst: Path, quantized: Mapping[str, BlockQuanti
         # no zero_points input: the op's default, 2^(bits-1), is the offset pack_matmul_nbits stores
         op = helper.make_node("MatMulNBits", [node.input[0], b.name, s.name], list(node.output),
                               name=node.name + f"_Q{bq.bits}", domain=MS_DOMAIN, K=k, N=n, bits=bq.bits,
-                              block_size=bq.block_size)
+                              block_size=bq.block_size, accuracy_level=accuracy_level)
         return [op], [b, s]
 
     summary = _rewrite(src, dst, quantized, None, replace)
-    return {**summary, "form": "matmul_nbits"}
+    return {**summary, "form": "matmul_nbits", "accuracy_level": accuracy_level}
+
+
+def accuracy_level_twin(src: Path, level: int) -> Path:
+    """A copy of a MatMulNBits graph that differs only in its nodes' `accuracy_level`, written beside it so it
+    shares its external data file (nothing large is copied). The caller deletes it."""
+    model = onnx.load(str(src), load_external_data=False)
+    nodes = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
+    if not nodes:
+        raise QuantizationError(f"{src}: no MatMulNBits node")
+    for n in nodes:
+        kept = [a for a in n.attribute if a.name != "accuracy_level"]
+        del n.attribute[:]
+        n.attribute.extend(kept + [helper.make_attribute("accuracy_level", level)])
+    dst = Path(src).with_name(f"{Path(src).stem}.level{level}.onnx")
+    onnx.save_model(model, str(dst))
+    return dst
 
 
 def write_blocked_qdq(src: Path, dst: Path, quantized: Mapping[str, BlockQuantized]) -> dict[str, Any]:

@@ -2,19 +2,22 @@
 
 torch's exporter holds a model's weights several times (the module, constant-folded transposes, the serialized
 proto, a re-load to gather external data): 4x the bundle at full width. Here the module is built with
-*placeholders* for every Linear/Embedding weight — a one-row storage expanded to the weight's shape (strides
-(0, 1)), costing bytes, not gigabytes — and exported with `export_params=False`, so the ONNX file holds the graph
-only. The exporter's parameter table (after its constant folding, where a weight's Transpose becomes a stride-(1, 0)
-view of the same placeholder) is captured; each graph input it names is then turned into an initializer whose bytes
+*placeholders* for every Linear/Embedding weight — full-shape, contiguous, zero tensors on anonymous mmap pages that
+are never written (reads map the kernel's shared zero page), costing bytes of RSS, not gigabytes — and exported
+with `export_params=False`, so the ONNX file holds the graph only. (An earlier one-row storage expanded to the
+weight's shape cost nothing either, but made the fp16 trace's matmuls take torch's slow strided path: 17x slower,
+most of a full-width fp16 export's time.) The exporter's parameter table (after its constant folding, where a
+weight's Transpose becomes a transposed view of the same placeholder) is captured; each graph input it names is then turned into an initializer whose bytes
 are read from the WeightSource one tensor at a time (LoRA merged, cast to the variant dtype, transposed if the
 graph wants W^T) and appended to `<graph>.data`. Peak memory: the small tensors + one weight + the tracing scratch.
 
-Every placeholder's row carries a distinct id in column 0, so the exporter's deduplication by value never merges
+Every placeholder carries a distinct id in element [0, 0], so the exporter's deduplication by value never merges
 two of them; the id is also how a folded view is traced back to its weight (with its storage's address).
 """
 from __future__ import annotations
 
 import contextlib
+import mmap
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -53,10 +56,9 @@ class PlaceholderModel:
         for name, meta in metas.items():
             owner, attr = _owner(model, name)
             if name in big:
-                row = torch.zeros(meta.shape[1], dtype=dtype)
-                row[0] = len(self.by_storage) + 1  # distinct id; exact in fp16 up to 2048 weights
-                value = row.expand(meta.shape)
-                self.by_storage[row.untyped_storage().data_ptr()] = Placeholder(name, tuple(meta.shape))
+                value = _zero_pages(meta.shape, dtype)
+                value[0, 0] = len(self.by_storage) + 1  # distinct id (one page written); exact in fp16 up to 2048
+                self.by_storage[value.untyped_storage().data_ptr()] = Placeholder(name, tuple(meta.shape))
             else:
                 value = small.pop(name)
                 value = value.to(dtype) if value.is_floating_point() else value
@@ -71,16 +73,31 @@ class PlaceholderModel:
         """The real tensor for one entry of the exporter's parameter table, in the variant dtype."""
         ph = self.by_storage.get(folded.untyped_storage().data_ptr()) if folded.dim() == 2 else None
         if ph is None:
-            if any(st == 0 and n > 1 for st, n in zip(folded.stride(), folded.shape)):
-                raise RuntimeError(f"exported parameter {list(folded.shape)} is a broadcast view of unknown origin")
+            self.check_not_copied(folded)
             return folded.contiguous()
         w = self.source.get(ph.name).to(self.dtype)
-        if tuple(folded.shape) == ph.shape and folded.stride() == (0, 1):
+        rows, cols = ph.shape
+        if tuple(folded.shape) == ph.shape and folded.stride() == (cols, 1):
             return w
-        if tuple(folded.shape) == ph.shape[::-1] and folded.stride() == (1, 0):
+        if tuple(folded.shape) == ph.shape[::-1] and folded.stride() == (1, cols):
             return w.t().contiguous()  # the exporter folded Transpose(W) into the MatMul's constant
         raise RuntimeError(f"{ph.name}: exported as shape {list(folded.shape)} stride {folded.stride()}; only the "
                            f"weight or its transpose can be streamed")
+
+    def check_not_copied(self, folded: torch.Tensor) -> None:
+        """A parameter that is not a placeholder view but has a placeholder's shape is a copy the exporter made of
+        one (its bytes would be the zeros, not the weight): refuse rather than write it."""
+        shapes = {ph.shape for ph in self.by_storage.values()}
+        if folded.dim() == 2 and (tuple(folded.shape) in shapes or tuple(folded.shape)[::-1] in shapes):
+            raise RuntimeError(f"exported parameter {list(folded.shape)} is a copy of a placeholder weight, not a view "
+                               "of it: torch's constant folding changed")
+
+
+def _zero_pages(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """A contiguous zero tensor on fresh anonymous mmap pages: no RSS until written."""
+    np_dtype = torch.empty((), dtype=dtype).numpy().dtype
+    nbytes = max(int(np.prod(shape)) * np_dtype.itemsize, 1)
+    return torch.from_numpy(np.frombuffer(mmap.mmap(-1, nbytes), np_dtype, int(np.prod(shape))).reshape(shape))
 
 
 def _owner(model: nn.Module, name: str) -> tuple[nn.Module, str]:

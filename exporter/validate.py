@@ -139,23 +139,32 @@ def _decision_checks(label: str, outs: dict[str, np.ndarray], ref_logits: np.nda
             _check(f"{label}/digit_argmax", chosen_digit, digits.max(-1), precision)]
 
 
-def validate_variant(ref: PrecisionReference, vision_path: Path, decoder_path: Path, precision: str,
-                     num_layers: int, kv_heads: int, head_dim: int, logits_positions: int,
-                     digit_ids: tuple[int, ...]) -> list[Check]:
+def session_options(precision: str) -> ort.SessionOptions:
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     opts.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")  # weight-only, as OrtRunner
-    if precision == "fp16":
-        # onnxruntime's x86 CPU EP has no fp16 MatMul: it runs those nodes in fp32 behind Casts. Unoptimized, it at
-        # least does not constant-fold them into extra copies: full width, 2 layers, the export's peak went from
-        # 5.42 to 5.10 GB for a 1.98 GB variant; the session still holds fp32 weights (~2.6x the variant).
+    # onnxruntime's x86 CPU EP has no fp16 MatMul: it runs those nodes in fp32 behind Cast nodes on the weights.
+    # In its default (topological) order every weight's Cast runs first, so fp32 copies of all weights are alive at
+    # once (2x an fp16 variant on top of its mmapped bytes); priority-based order runs each Cast just before its
+    # MatMul, so one weight's copy at a time is (tests/exporter/test_validate_memory.py).
+    opts.execution_order = ort.ExecutionOrder.PRIORITY_BASED
+    opts.enable_cpu_mem_arena = False  # the arena would keep the largest transient copy after the run
+    if precision == "fp16":  # and no constant folding of those Casts into resident fp32 weights
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    return opts
+
+
+def validate_variant(ref: PrecisionReference, vision_path: Path, decoder_path: Path, precision: str,
+                     num_layers: int, kv_heads: int, head_dim: int, logits_positions: int,
+                     digit_ids: tuple[int, ...]) -> list[Check]:
+    opts = session_options(precision)
     providers = ["CPUExecutionProvider"]
     vision = ort.InferenceSession(str(vision_path), opts, providers=providers)
-    decoder = ort.InferenceSession(str(decoder_path), opts, providers=providers)
-    act = np.float16 if precision == "fp16" else np.float32
     checks = [_check("image_embeds", vision.run(None, {"pixel_values": ref.pixel_values})[0], ref.image_embeds,
                      precision)]
+    del vision  # never both graphs' weights at once
+    decoder = ort.InferenceSession(str(decoder_path), opts, providers=providers)
+    act = np.float16 if precision == "fp16" else np.float32
 
     rows, lp, ls = ref.embeds.shape[0], ref.prefix, ref.suffix
     per_person = rows // ref.persons

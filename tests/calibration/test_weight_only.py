@@ -17,8 +17,8 @@ from onnx import TensorProto, helper, numpy_helper
 import tiny
 from calibration.blockwise import (BlockQuantized, pack_matmul_nbits, quantize_gptq, quantize_rtn,
                                    unpack_matmul_nbits)
-from calibration.quantize import QuantizeConfig, quantize_bundle
-from calibration.weight_only import matmul_weights, write_blocked_qdq, write_matmul_nbits
+from calibration.quantize import ACTIVATION_QUANT_BOUND, QuantizeConfig, quantize_bundle
+from calibration.weight_only import accuracy_level_twin, matmul_weights, write_blocked_qdq, write_matmul_nbits
 from exporter.trt_ops import unsupported_ops, weight_dq_problems
 from runtime.backends.base import Stopwatch
 from runtime.backends.onnxruntime import OrtRunner
@@ -79,6 +79,11 @@ def test_block_scales_and_rtn_error_bound():
 def test_bad_shapes_and_settings_are_refused(shape, bits, block, match):
     with pytest.raises(InputError, match=match):
         quantize_rtn(np.zeros(shape, np.float32), bits, block)
+
+
+def test_unsupported_accuracy_level_is_refused(tmp_path):
+    with pytest.raises(InputError, match=r"accuracy_level=2: expected one of \[0, 4\]"):
+        QuantizeConfig(tmp_path, method="rtn", accuracy_level=2)
 
 
 def test_unpack_refuses_a_wrong_layout():
@@ -205,14 +210,26 @@ def test_bundle_forms_agree_on_the_runtime_prefill(int4_bundle, tmp_path):
         out = Decoder(m, runner, table, lambda ids: "").prefill(embeds, suffixes, [], Stopwatch())[0]
         return np.asarray(out.logits, np.float64)
 
-    nbits = logits(bundle / v.decoder.file, v.decoder, v.embedding)
+    shipped = logits(bundle / v.decoder.file, v.decoder, v.embedding)  # accuracy level 4: int8 activations
+    twin = accuracy_level_twin(bundle / v.decoder.file, 0)
+    try:
+        nbits = logits(twin, v.decoder, v.embedding)
+    finally:
+        twin.unlink()
     qdq32 = logits(tmp_path / "qdq32.onnx", v.decoder, v.embedding)
     trt = v.form("tensorrt")
     qdq16 = logits(bundle / trt.decoder.file, trt.decoder, trt.embedding)
     d32, d16, top = np.abs(qdq32 - nbits).max(), np.abs(qdq16 - nbits).max(), np.abs(nbits).max()
     print(f"MatMulNBits vs Q/DQ (fp32 activations) max|diff| {d32:.2e}; vs Q/DQ fp16 {d16:.2e}; max|logits| {top:.2f}")
+    d4 = np.abs(shipped - nbits).max()
+    print(f"shipped (accuracy level 4) vs level 0: max|diff| {d4:.2e} (bound {ACTIVATION_QUANT_BOUND} x max|logits|)")
     assert d32 <= 1e-4 * top
     assert d16 <= 2e-2 + 2e-2 * top  # the export validation's fp16 tolerance
+    assert 0 < d4 <= ACTIVATION_QUANT_BOUND * top  # int8 activations do change the math, within the sanity bound
+    levels = {a.i for n in onnx.load(str(bundle / v.decoder.file)).graph.node if n.op_type == "MatMulNBits"
+              for a in n.attribute if a.name == "accuracy_level"}
+    assert levels == {4} and result.artifact["forms"]["onnxruntime"]["accuracy_level"] == 4
+    assert not list(bundle.rglob("*.level0.onnx"))  # quantize removed its twin
     checks = result.artifact["checks"]
     assert checks["matmul_nbits_vs_qdq"]["max_abs"] <= 2e-2 + 2e-2 * checks["matmul_nbits_vs_qdq"]["ref_max_abs"]
 
