@@ -26,7 +26,7 @@ from onnx import TensorProto, external_data_helper, helper, numpy_helper
 from runtime.errors import PoseLLMEdgeError
 
 QUANTIZED_OP_TYPES = ("MatMul", "Gemm", "Conv")
-EXTERNAL_DATA_THRESHOLD = 1 << 30  # like the exporter: beyond ~1 GB of weights use one `.data` file (2 GB cap)
+EXTERNAL_DATA_THRESHOLD = 1 << 28  # as exporter/onnx_export.py: beyond 256 MB of weights use one `.data` file
 DQ_FP16_OPSET = 19  # DequantizeLinear takes a float16 scale (and outputs float16) from opset 19
 
 

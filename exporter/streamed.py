@@ -94,10 +94,14 @@ class PlaceholderModel:
 
 
 def _zero_pages(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    """A contiguous zero tensor on fresh anonymous mmap pages: no RSS until written."""
+    """A contiguous zero tensor on fresh private anonymous mmap pages: no RSS until written (a read maps the shared
+    zero page; a MAP_SHARED mapping, mmap's default, would allocate shmem pages on read instead)."""
     np_dtype = torch.empty((), dtype=dtype).numpy().dtype
-    nbytes = max(int(np.prod(shape)) * np_dtype.itemsize, 1)
-    return torch.from_numpy(np.frombuffer(mmap.mmap(-1, nbytes), np_dtype, int(np.prod(shape))).reshape(shape))
+    count = int(np.prod(shape))
+    if not hasattr(mmap, "MAP_PRIVATE"):  # Windows: calloc'd zeros are lazily committed there too
+        return torch.from_numpy(np.zeros(shape, np_dtype))
+    pages = mmap.mmap(-1, max(count * np_dtype.itemsize, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    return torch.from_numpy(np.frombuffer(pages, np_dtype, count).reshape(shape))
 
 
 def _owner(model: nn.Module, name: str) -> tuple[nn.Module, str]:
