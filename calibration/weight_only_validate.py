@@ -1,4 +1,5 @@
-"""Validation of weight-only quantized decoders against PyTorch (needs the `export` extra: torch).
+"""Validation of weight-only quantized decoders against PyTorch (needs the `export` extra: torch), in the export's
+bounded memory: the checkpoint is read lazily and the references run one LLM layer at a time.
 
 Two references, the export-time validation's inputs and driving (exporter/validate.py): the merged model carrying
 the same dequantized weights — a tight check of the graphs (packing, scales, node wiring), which must pass — and the
@@ -6,6 +7,7 @@ fp32 model, whose difference is the quantization error (reported, never a failur
 """
 from __future__ import annotations
 
+import hashlib
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -15,9 +17,7 @@ import onnx
 import torch
 
 from exporter.validate import ValidationError, format_checks, reference_outputs, validate_variant
-from posellm.checkpoint import load_checkpoint
-from posellm.lazy_weights import InMemoryWeights
-from posellm.model import PoseLLM
+from posellm.lazy_weights import WeightSource, expected_shapes, open_weights
 from runtime.manifest import Manifest, Variant
 
 from .blockwise import BlockQuantized
@@ -25,38 +25,51 @@ from .qdq import QuantizationError
 from .weight_only import load_weight, matmul_weights
 
 
-def load_merged(checkpoint: Path) -> PoseLLM:
-    model = load_checkpoint(checkpoint).float().eval()
-    if model.has_lora():
-        model.merge_lora()
-    return model
+class DequantizedWeights(WeightSource):
+    """`source` with each quantized linear weight replaced by its dequantized value, read when asked for: the
+    layer-streamed reference (exporter/validate.py) then runs the model the graphs describe without holding it."""
+
+    def __init__(self, source: WeightSource, by_name: Mapping[str, BlockQuantized]) -> None:
+        self.source, self.by_name, self.cfg = source, dict(by_name), source.cfg
+
+    def get(self, name: str) -> torch.Tensor:
+        bq = self.by_name.get(name)
+        if bq is None:
+            return self.source.get(name)
+        return torch.from_numpy(np.ascontiguousarray(bq.dequantize(np.float32).T))  # graph [in, out] -> [out, in]
+
+    def get_many(self, names) -> dict[str, torch.Tensor]:
+        names = list(names)
+        out = self.source.get_many(n for n in names if n not in self.by_name)  # the reader's one-pass path
+        return {n: out[n] if n in out else self.get(n) for n in names}
+
+    def stored_dtypes(self) -> set[torch.dtype]:
+        return self.source.stored_dtypes()
 
 
-@torch.inference_mode()
-def carry_dequantized(model: PoseLLM, fp32_decoder: Path, quantized: Mapping[str, BlockQuantized]) -> int:
-    """Replace every quantized linear weight of `model.llm` by its dequantized value; returns how many.
+def _digest(a: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(a, np.float32).tobytes()).hexdigest()
 
-    Graph weights are matched to torch modules by value (the fp32 export stores each nn.Linear weight transposed,
-    bit for bit), so no name convention between the two is assumed."""
+
+def match_weight_names(source: WeightSource, fp32_decoder: Path, nodes: set[str]) -> dict[str, str]:
+    """Graph MatMul node → the source's weight name, by value: the fp32 export stores each merged nn.Linear weight
+    transposed, bit for bit, so no naming convention between the two is assumed. One weight resident at a time."""
     src = onnx.load(str(fp32_decoder), load_external_data=False)
     base = str(Path(fp32_decoder).parent)
-    by_bytes = {}
-    for node, (_, weight) in matmul_weights(src).items():
-        if node in quantized:
-            by_bytes[np.ascontiguousarray(load_weight(src, weight, base), np.float32).tobytes()] = node
-    done = set()
-    for module in model.llm.modules():
-        if isinstance(module, torch.nn.Linear):
-            key = np.ascontiguousarray(module.weight.detach().numpy().T, np.float32).tobytes()
-            node = by_bytes.get(key)
+    by_digest = {_digest(load_weight(src, weight, base)): node
+                 for node, (_, weight) in matmul_weights(src).items() if node in nodes}
+    shapes = expected_shapes(source.cfg)
+    out = {}
+    for name, meta in shapes.items():
+        if name.startswith("llm.") and name.endswith(".weight") and meta.dim() == 2 and "embed_tokens" not in name:
+            node = by_digest.get(_digest(source.get(name).numpy().T))
             if node is not None:
-                module.weight.copy_(torch.from_numpy(quantized[node].dequantize(np.float32).T.copy()))
-                done.add(node)
-    missing = sorted(set(quantized) - done)
+                out[node] = name
+    missing = sorted(nodes - set(out))
     if missing:
-        raise QuantizationError(f"{fp32_decoder}: no torch linear layer matches the graph weights of {missing[:3]}; "
-                                "is the checkpoint the one this bundle was exported from?")
-    return len(done)
+        raise QuantizationError(f"{fp32_decoder}: no linear weight of the checkpoint matches the graph weights of "
+                                f"{missing[:3]}; is it the checkpoint this bundle was exported from?")
+    return out
 
 
 def validate_against_pytorch(checkpoint: Path, manifest: Manifest, bundle: Path, fp32: Variant,
@@ -73,10 +86,10 @@ def validate_against_pytorch(checkpoint: Path, manifest: Manifest, bundle: Path,
         return validate_variant(ref, vision, decoder, precision, d.num_layers, d.num_kv_heads, d.head_dim,
                                 d.logits_positions, digits)
 
-    model = load_merged(checkpoint)
-    ref_fp32 = reference_outputs(InMemoryWeights(model))
-    carry_dequantized(model, bundle / fp32.decoder.file, quantized)
-    ref_deq = reference_outputs(InMemoryWeights(model))
+    source = open_weights(checkpoint)  # lazy: the references hold one LLM layer at a time, as the export's
+    names = match_weight_names(source, bundle / fp32.decoder.file, set(quantized))
+    ref_fp32 = reference_outputs(source)
+    ref_deq = reference_outputs(DequantizedWeights(source, {names[n]: bq for n, bq in quantized.items()}))
     same = {"matmul_nbits": run(ref_deq, nbits_decoder, "fp32"), "qdq": run(ref_deq, qdq_decoder, qdq_precision)}
     for form, checks in same.items():
         log(format_checks(f"{form} vs torch(dequantized)", checks))

@@ -17,6 +17,7 @@ from onnx import TensorProto, helper, numpy_helper
 import tiny
 from calibration.blockwise import (BlockQuantized, pack_matmul_nbits, quantize_gptq, quantize_rtn,
                                    unpack_matmul_nbits)
+from calibration.qdq import QuantizationError
 from calibration.quantize import ACTIVATION_QUANT_BOUND, QuantizeConfig, quantize_bundle
 from calibration.weight_only import accuracy_level_twin, matmul_weights, write_blocked_qdq, write_matmul_nbits
 from exporter.trt_ops import unsupported_ops, weight_dq_problems
@@ -347,3 +348,16 @@ def test_variant_without_tensorrt_form_uses_its_own_graphs(tiny_bundle):
     m = Manifest.from_json(json.dumps(data))
     fp16 = m.variants["fp16"]
     assert fp16.tensorrt is None and fp16.form("tensorrt").decoder == fp16.decoder
+
+
+def test_validation_against_another_checkpoint_is_refused(tmp_path, tokenizer_dir, tiny_bundle):
+    """The PyTorch validation matches graph weights to checkpoint weights by value (streamed, one at a time): a
+    checkpoint of the same shapes but other weights is named as the wrong one, and no variant is published."""
+    from posellm.checkpoint import save_native
+    other = tmp_path / "other"
+    save_native(tiny.tiny_model(tiny.tiny_config(tokenizer_dir), seed=5), other, tokenizer_dir)
+    out = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle, out)
+    with pytest.raises(QuantizationError, match="no linear weight of the checkpoint matches"):
+        quantize_bundle(QuantizeConfig(out, bits=4, block_size=32, method="rtn", checkpoint=other, threads=1))
+    assert "int4" not in load_manifest(out).variants and not list(out.glob(".int4.tmp-*"))

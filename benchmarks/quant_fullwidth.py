@@ -1,0 +1,98 @@
+"""Issue 13 at the real model's width: fp32 vs weight-only int4 / int8 decoders on onnxruntime CPU, per person.
+
+The shipped model's layers are 128 wide, where a MatMul costs less than the kernel's fixed overhead, so its bench
+says little about weight-only speed. Here a random posellm-7b-width checkpoint (ViT-L/14 + Vicuna-7B width, N LLM
+layers, LocLLM's layout: benchmarks/export_memory.py) is exported to fp32, quantized (RTN: speed does not depend on
+how the ints were chosen) to int4 and int8 at each MatMulNBits accuracy level asked for, and `posellm-edge bench`
+times template decoding of real COCO persons with the variants interleaved person by person (same persons, same
+load), one run. Random weights make the answers meaningless; template decoding's work is fixed, so the times are not.
+
+    python -m benchmarks.quant_fullwidth --tokenizer ../shared/fixtures/llama-tokenizer \\
+        --coco ../shared/data/coco-mini/person_keypoints.json --images ../shared/data/coco-mini/images \\
+        --layers 2 --persons 4 --out benchmarks/results/cpu-fullwidth-quant-bench.json
+"""
+from __future__ import annotations
+
+import argparse
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from benchmarks.bench import BenchConfig, benchmark
+from benchmarks.export_memory import write_checkpoint
+from calibration.quantize import QuantizeConfig, quantize_bundle
+from exporter.bundle import ExportConfig, export_bundle
+from runtime.results import write_json
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--tokenizer", required=True, type=Path, help="dir with tokenizer.json (LLaMA's, 32000 ids)")
+    p.add_argument("--coco", required=True, type=Path)
+    p.add_argument("--images", required=True, type=Path)
+    p.add_argument("--preset", default="posellm-7b", help="model shapes (tiny: the CPU smoke test)")
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--persons", type=int, default=4, help="timed persons per variant")
+    p.add_argument("--levels", type=int, nargs="+", default=[4, 0], help="MatMulNBits accuracy levels to time")
+    p.add_argument("--block-size", type=int, default=64)
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--work", type=Path, default=Path("/tmp/quant_fullwidth"))
+    p.add_argument("--threads", type=int, default=None)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    a = parse_args(argv)
+    res: dict[str, Any] = {"status": "running", "preset": a.preset, "layers": a.layers, "persons": a.persons, "block_size": a.block_size,
+                           "method": "rtn", "decoding": "template", "backend": "onnxruntime (CPU EP)"}
+    write_json(a.out, res)
+    ckpt, bundle = a.work / "ckpt", a.work / "bundle"
+    try:
+        t0 = time.perf_counter()
+        write_checkpoint(ckpt, a.tokenizer, a.preset, a.layers)
+        export_bundle(ExportConfig(ckpt, bundle, precisions=("fp32",), max_persons=1, overwrite=True,
+                                   validate=False))
+        shutil.rmtree(ckpt, ignore_errors=True)
+        names = ["fp32"]
+        for level in a.levels:
+            for bits in (4, 8):
+                name = f"{'int4' if bits == 4 else 'int8wo'}{'' if level == 4 else f'_level{level}'}"
+                quantize_bundle(QuantizeConfig(bundle, bits=bits, block_size=a.block_size, method="rtn", name=name,
+                                               accuracy_level=level, threads=a.threads))
+                names.append(name)
+        res["prepare_s"] = round(time.perf_counter() - t0, 1)
+        report = benchmark(BenchConfig(bundles=(bundle,), coco=a.coco, images=a.images, precisions=tuple(names),
+                                       decodings=("template",), persons=a.persons, warmup=1, batch_sizes=(1,),
+                                       interleave=True))
+        rows = {r["precision"]: r for r in report["results"]}
+        base = rows["fp32"]
+        res["environment"] = report["environment"]
+        res["variants"] = {}
+        for name, r in rows.items():
+            stages = {k: v["p50"] for k, v in r["stages_ms"].items()}
+            res["variants"][name] = {
+                "ms_per_person_p50": r["ms_per_person"]["p50"], "stages_ms_p50": stages,
+                "bundle_bytes": r["bundle_bytes"],
+                "time_vs_fp32": round(r["ms_per_person"]["p50"] / base["ms_per_person"]["p50"], 3),
+                "decode_vs_fp32": round(stages["decode"] / base["stages_ms"]["decode"]["p50"], 3),
+                "llm_stages_vs_fp32": round(
+                    sum(stages[s] for s in ("prefix_prefill", "suffix_prefill", "decode"))
+                    / sum(base["stages_ms"][s]["p50"] for s in ("prefix_prefill", "suffix_prefill", "decode")), 3)}
+        res["status"] = "ok"
+    except BaseException as e:
+        res["status"] = "failed"
+        res["error"] = f"{type(e).__name__}: {e}"[:3000]
+        raise
+    finally:
+        write_json(a.out, res)
+        shutil.rmtree(a.work, ignore_errors=True)
+    for name, v in res.get("variants", {}).items():
+        print(f"{name:14s} {v['ms_per_person_p50']:9.1f} ms/person ({v['time_vs_fp32']:.2f}x fp32), decode "
+              f"{v['stages_ms_p50']['decode']:8.1f} ms ({v['decode_vs_fp32']:.2f}x), LLM stages "
+              f"{v['llm_stages_vs_fp32']:.2f}x")
+    return res
+
+
+if __name__ == "__main__":
+    main()
