@@ -30,6 +30,7 @@ from posellm.checkpoint import copy_tokenizer
 from posellm.checkpoint_locllm import is_llm_base, locllm_config, to_locllm
 from posellm.config import preset
 from posellm.lazy_weights import expected_shapes
+from benchmarks.recorded import recorded
 from runtime.results import write_json
 
 GB = 1e9
@@ -187,7 +188,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return merge(a.merge, a.out, a.note)
     if a.tokenizer is None:
         raise SystemExit("--tokenizer is required to measure")
-    res: dict[str, Any] = {"status": "running", "preset": a.preset, "note": a.note, "units": "GB (1e9 bytes), s",
+    res: dict[str, Any] = {"preset": a.preset, "note": a.note, "units": "GB (1e9 bytes), s",
                            "wait4_note": WAIT4_NOTE,
                            "threads": os.environ.get("OMP_NUM_THREADS"), "cpu_count": os.cpu_count(),
                            "checkpoint_layout": "LocLLM trainer: bf16 LLM base, fp32 ViT/projector/LoRA, .bin "
@@ -196,8 +197,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                        "skip_validate": "peak <= 1.2 x variant + 2 GB",
                                        f"fp16 validated at {FULL_LAYERS} layers": f"peak <= {MACHINE_GB} GB"},
                            "runs": []}
-    write_json(a.out, res)
-    try:
+    with recorded(a.out, res, a.work):
         runs = [(int(n), p, v == "on") for n, p, v in (r.split(":") for r in a.runs)]
         for layers in dict.fromkeys(n for n, _, _ in runs):  # one checkpoint per layer count, in order
             ckpt, bundle = a.work / f"ckpt-{layers}", a.work / "bundle"
@@ -218,14 +218,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             shutil.rmtree(ckpt, ignore_errors=True)
         res["per_layer"] = slopes(res["runs"])
         res["all_runs_meet_target"] = all(r["meets_target"] for r in res["runs"])
-        res["status"] = "ok"
-    except BaseException as e:
-        res["status"] = "failed"
-        res["error"] = f"{type(e).__name__}: {e}"[:3000]
-        raise
-    finally:
-        write_json(a.out, res)
-        shutil.rmtree(a.work, ignore_errors=True)
     return res
 
 

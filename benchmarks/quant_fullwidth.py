@@ -21,9 +21,9 @@ from typing import Any
 
 from benchmarks.bench import BenchConfig, benchmark
 from benchmarks.export_memory import write_checkpoint
+from benchmarks.recorded import recorded
 from calibration.quantize import QuantizeConfig, quantize_bundle
 from exporter.bundle import ExportConfig, export_bundle
-from runtime.results import write_json
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -42,13 +42,28 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def _ratios(rows: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per variant: p50 time per person and per stage, and its ratio to fp32's (same persons, interleaved)."""
+    llm = ("prefix_prefill", "suffix_prefill", "decode")
+    base = {k: v["p50"] for k, v in rows["fp32"]["stages_ms"].items()}
+    out = {}
+    for name, r in rows.items():
+        stages = {k: v["p50"] for k, v in r["stages_ms"].items()}
+        out[name] = {"ms_per_person_p50": r["ms_per_person"]["p50"], "stages_ms_p50": stages,
+                     "bundle_bytes": r["bundle_bytes"],
+                     "time_vs_fp32": round(r["ms_per_person"]["p50"] / rows["fp32"]["ms_per_person"]["p50"], 3),
+                     "decode_vs_fp32": round(stages["decode"] / base["decode"], 3),
+                     "llm_stages_vs_fp32": round(sum(stages[s] for s in llm) / sum(base[s] for s in llm), 3)}
+    return out
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     a = parse_args(argv)
-    res: dict[str, Any] = {"status": "running", "preset": a.preset, "layers": a.layers, "persons": a.persons, "block_size": a.block_size,
-                           "method": "rtn", "decoding": "template", "backend": "onnxruntime (CPU EP)"}
-    write_json(a.out, res)
+    res: dict[str, Any] = {"preset": a.preset, "layers": a.layers, "persons": a.persons,
+                           "block_size": a.block_size, "method": "rtn", "decoding": "template",
+                           "backend": "onnxruntime (CPU EP)"}
     ckpt, bundle = a.work / "ckpt", a.work / "bundle"
-    try:
+    with recorded(a.out, res, a.work):
         t0 = time.perf_counter()
         write_checkpoint(ckpt, a.tokenizer, a.preset, a.layers)
         export_bundle(ExportConfig(ckpt, bundle, precisions=("fp32",), max_persons=1, overwrite=True,
@@ -65,28 +80,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         report = benchmark(BenchConfig(bundles=(bundle,), coco=a.coco, images=a.images, precisions=tuple(names),
                                        decodings=("template",), persons=a.persons, warmup=1, batch_sizes=(1,),
                                        interleave=True))
-        rows = {r["precision"]: r for r in report["results"]}
-        base = rows["fp32"]
         res["environment"] = report["environment"]
-        res["variants"] = {}
-        for name, r in rows.items():
-            stages = {k: v["p50"] for k, v in r["stages_ms"].items()}
-            res["variants"][name] = {
-                "ms_per_person_p50": r["ms_per_person"]["p50"], "stages_ms_p50": stages,
-                "bundle_bytes": r["bundle_bytes"],
-                "time_vs_fp32": round(r["ms_per_person"]["p50"] / base["ms_per_person"]["p50"], 3),
-                "decode_vs_fp32": round(stages["decode"] / base["stages_ms"]["decode"]["p50"], 3),
-                "llm_stages_vs_fp32": round(
-                    sum(stages[s] for s in ("prefix_prefill", "suffix_prefill", "decode"))
-                    / sum(base["stages_ms"][s]["p50"] for s in ("prefix_prefill", "suffix_prefill", "decode")), 3)}
-        res["status"] = "ok"
-    except BaseException as e:
-        res["status"] = "failed"
-        res["error"] = f"{type(e).__name__}: {e}"[:3000]
-        raise
-    finally:
-        write_json(a.out, res)
-        shutil.rmtree(a.work, ignore_errors=True)
+        res["variants"] = _ratios({r["precision"]: r for r in report["results"]})
     for name, v in res.get("variants", {}).items():
         print(f"{name:14s} {v['ms_per_person_p50']:9.1f} ms/person ({v['time_vs_fp32']:.2f}x fp32), decode "
               f"{v['stages_ms_p50']['decode']:8.1f} ms ({v['decode_vs_fp32']:.2f}x), LLM stages "
