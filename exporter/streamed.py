@@ -7,9 +7,10 @@ are never written (reads map the kernel's shared zero page), costing bytes of RS
 with `export_params=False`, so the ONNX file holds the graph only. (An earlier one-row storage expanded to the
 weight's shape cost nothing either, but made the fp16 trace's matmuls take torch's slow strided path: 17x slower,
 most of a full-width fp16 export's time.) The exporter's parameter table (after its constant folding, where a
-weight's Transpose becomes a transposed view of the same placeholder) is captured; each graph input it names is then turned into an initializer whose bytes
-are read from the WeightSource one tensor at a time (LoRA merged, cast to the variant dtype, transposed if the
-graph wants W^T) and appended to `<graph>.data`. Peak memory: the small tensors + one weight + the tracing scratch.
+weight's Transpose becomes a transposed view of the same placeholder) is captured; each graph input it names is
+then turned into an initializer whose bytes are read from the WeightSource one tensor at a time (LoRA merged, cast
+to the variant dtype, transposed if the graph wants W^T) and appended to `<graph>.data`. Peak memory: the small
+tensors + one weight + the tracing scratch.
 
 Every placeholder carries a distinct id in element [0, 0], so the exporter's deduplication by value never merges
 two of them; the id is also how a folded view is traced back to its weight (with its storage's address).
@@ -76,7 +77,7 @@ class PlaceholderModel:
             self.check_not_copied(folded)
             return folded.contiguous()
         w = self.source.get(ph.name).to(self.dtype)
-        rows, cols = ph.shape
+        cols = ph.shape[1]
         if tuple(folded.shape) == ph.shape and folded.stride() == (cols, 1):
             return w
         if tuple(folded.shape) == ph.shape[::-1] and folded.stride() == (1, cols):
