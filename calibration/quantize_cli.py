@@ -39,8 +39,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     cfg = QuantizeConfig(bundle=args.bundle, coco=args.coco, images=args.images, bits=args.bits,
                          block_size=args.block_size, method=args.method, samples=args.samples, lm_head=args.lm_head,
-                         accuracy_level=args.accuracy_level, name=args.name, checkpoint=args.checkpoint, seed=args.seed, overwrite=args.overwrite,
-                         threads=args.threads)
+                         accuracy_level=args.accuracy_level, name=args.name, checkpoint=args.checkpoint,
+                         seed=args.seed, overwrite=args.overwrite, threads=args.threads)
     result = quantize_bundle(cfg)
     print(f"{result.variant.precision} variant added to {result.bundle} in {result.seconds:.1f}s")
     return 0
