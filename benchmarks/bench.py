@@ -18,6 +18,7 @@ from runtime.backends.base import Stopwatch
 from runtime.coco import read_coco_persons
 from runtime.estimator import Estimator, EstimatorConfig
 from runtime.manifest import TENSORRT_BACKENDS, sha256_file
+from runtime.memory import peak_rss_bytes, reset_peak_rss
 from runtime.preprocess import load_image
 from runtime.results import write_json
 
@@ -45,23 +46,8 @@ class BenchConfig:
     plot: Path | None = None
 
 
-def _reset_peak_rss() -> None:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass  # not Linux: the figure is then the process peak so far
-
-
 def _peak_rss_mb() -> float:
-    try:
-        for line in open("/proc/self/status"):
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024.0
-    except OSError:
-        pass
-    import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    return peak_rss_bytes() / 2**20
 
 
 def _pct(values: list[float]) -> dict[str, float]:
@@ -138,7 +124,7 @@ def benchmark(cfg: BenchConfig, log=print) -> dict:
         probe = Estimator(bundle, EstimatorConfig())
         for precision in cfg.precisions or tuple(probe.manifest.variants):
             for decoding in cfg.decodings:
-                _reset_peak_rss()
+                reset_peak_rss()
                 est = Estimator(bundle, EstimatorConfig(precision=precision, decoding=decoding,
                                                         backend=cfg.backend, verify=False))
                 name = variant_name(bundle, precision, decoding, len(cfg.bundles) > 1)
@@ -181,7 +167,7 @@ def _bench_reference(cfg: BenchConfig, persons, log) -> dict:
     from posellm.reference import ReferenceEstimator
     from runtime.prompts import PromptTokenizer
     from tokenizers import Tokenizer
-    _reset_peak_rss()
+    reset_peak_rss()
     model = load_checkpoint(cfg.checkpoint)
     ref = ReferenceEstimator(model.merge_lora() if model.has_lora() else model,
                              PromptTokenizer(Tokenizer.from_file(str(Path(cfg.bundles[0]) / "tokenizer.json"))))

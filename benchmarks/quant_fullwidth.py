@@ -24,6 +24,7 @@ from benchmarks.export_memory import write_checkpoint
 from benchmarks.recorded import recorded
 from calibration.quantize import QuantizeConfig, quantize_bundle
 from exporter.bundle import ExportConfig, export_bundle
+from runtime.memory import reset_peak_rss
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -70,11 +71,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                    validate=False))
         shutil.rmtree(ckpt, ignore_errors=True)
         names = ["fp32"]
+        res["quantize"] = quantize = {}  # per variant: seconds and peak RSS of quantize_bundle (RTN) alone
         for level in a.levels:
             for bits in (4, 8):
                 name = f"{'int4' if bits == 4 else 'int8wo'}{'' if level == 4 else f'_level{level}'}"
-                quantize_bundle(QuantizeConfig(bundle, bits=bits, block_size=a.block_size, method="rtn", name=name,
-                                               accuracy_level=level, threads=a.threads))
+                reset_peak_rss()
+                q = quantize_bundle(QuantizeConfig(bundle, bits=bits, block_size=a.block_size, method="rtn",
+                                                   name=name, accuracy_level=level, threads=a.threads))
+                quantize[name] = {"seconds": q.artifact["seconds"],
+                                  "peak_rss_gb": round(q.artifact["peak_rss_bytes"] / 1e9, 3),
+                                  "decoder_weight_bytes": q.artifact["sizes"]["onnxruntime_weight_bytes"]}
                 names.append(name)
         res["prepare_s"] = round(time.perf_counter() - t0, 1)
         report = benchmark(BenchConfig(bundles=(bundle,), coco=a.coco, images=a.images, precisions=tuple(names),

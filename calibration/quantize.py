@@ -31,6 +31,7 @@ from runtime.backends.onnxruntime import OrtRunner
 from runtime.decoding import Decoder
 from runtime.errors import InputError
 from runtime.manifest import GraphForm, GraphSpec, Manifest, Variant, load_manifest, sha256_file
+from runtime.memory import peak_rss_bytes
 from runtime.preprocess import CropSpec
 
 from .blockwise import BITS, BLOCK_SIZES, BlockQuantized, quantize_gptq, quantize_rtn
@@ -191,6 +192,8 @@ def quantize_bundle(cfg: QuantizeConfig, log: Callable[[str], None] = print) -> 
                              for k in ("rtn", "gptq") if any(k in e for e in errors.values())},
             "checks": checks, "validation": validation,
             "sizes": decoder_sizes(bundle, fp16, tmp, {"onnxruntime": decoder_spec, "tensorrt": qdq_spec}),
+            # the process's peak RSS so far (quantize's own when it runs alone, as the CLI does) and its seconds
+            "peak_rss_bytes": peak_rss_bytes(), "seconds": round(time.perf_counter() - start, 2),
         }
         (tmp / "quantization.json").write_text(json.dumps(artifact, indent=1, sort_keys=True) + "\n")
         variant = Variant(
@@ -213,7 +216,7 @@ def quantize_bundle(cfg: QuantizeConfig, log: Callable[[str], None] = print) -> 
         if ratio is not None:
             log(f"{name} decoder ({form} form): {sizes[f'{form}_weight_bytes']} weight bytes = {ratio:.3f}x fp16")
     seconds = time.perf_counter() - start
-    log(f"{name} variant written in {seconds:.1f}s")
+    log(f"{name} variant written in {seconds:.1f}s (peak RSS {artifact['peak_rss_bytes'] / 1e9:.2f} GB)")
     return QuantizeResult(bundle, manifest.variants[name], artifact, seconds)
 
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import shutil
 import time
 from dataclasses import dataclass, replace
@@ -23,6 +22,7 @@ from runtime.errors import InputError
 from runtime.keypoints import standard_keypoints
 from runtime.manifest import (SCHEMA_VERSION, Dims, ExportStats, GraphSpec, KeypointPrompt, Manifest, Preprocess,
                               Prompts, Variant, sha256_file, write_manifest)
+from runtime.memory import peak_rss_bytes
 from runtime.preprocess import CLIP_MEAN, CLIP_STD, DINO_MEAN, DINO_STD
 from runtime.prompts import DIGIT_POSITIONS, PromptTokenizer
 
@@ -66,21 +66,6 @@ class ExportResult:
     validation: dict | None
     file_sizes: dict[str, int]
     variants: dict[str, ExportStats]  # per precision: bytes written, peak RSS, seconds
-
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux reports KiB
-
-
-def peak_rss_bytes() -> int:
-    """This process's peak resident memory so far: Linux's VmHWM (exact), else ru_maxrss."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return int(peak_rss_mb() * 1024 * 1024)
 
 
 def _prompts(tok: PromptTokenizer, num_patches: int) -> Prompts:
@@ -199,7 +184,7 @@ def export_bundle(cfg: ExportConfig, log=print) -> ExportResult:
         raise
     sizes = {str(p.relative_to(out)): p.stat().st_size for p in sorted(out.rglob("*")) if p.is_file()}
     stats = {p: v.export for p, v in variants.items() if v.export is not None}
-    return ExportResult(out, time.perf_counter() - start, peak_rss_mb(), validation, sizes, stats)
+    return ExportResult(out, time.perf_counter() - start, peak_rss_bytes() / 2**20, validation, sizes, stats)
 
 
 def _prefixed(spec: GraphSpec, precision: str) -> GraphSpec:

@@ -20,4 +20,7 @@ def test_tiny_run_times_every_variant_against_fp32(tokenizer_dir, tmp_path):
     assert set(v) == {"fp32", "int4", "int8wo", "int4_level0", "int8wo_level0"}
     assert v["fp32"]["time_vs_fp32"] == 1.0 and all(x["ms_per_person_p50"] > 0 for x in v.values())
     assert v["int4"]["bundle_bytes"] < v["int8wo"]["bundle_bytes"] < v["fp32"]["bundle_bytes"]
+    q = res["quantize"]
+    assert set(q) == set(v) - {"fp32"} and all(x["peak_rss_gb"] > 0.05 and x["seconds"] > 0 for x in q.values())
+    assert q["int4"]["decoder_weight_bytes"] < q["int8wo"]["decoder_weight_bytes"]
     assert not (tmp_path / "work").exists()  # checkpoint and bundle removed
