@@ -202,14 +202,7 @@ def apply_peft_adapter(model: PoseLLM, adapter_dir: str | Path) -> PoseLLM:
     root = Path(adapter_dir)
     if not (root / ADAPTER_CONFIG).is_file():
         raise CheckpointError(f"{root}: not a peft adapter: expected {ADAPTER_CONFIG} + adapter_model.safetensors")
-    weights = root / "adapter_model.safetensors"
-    if weights.is_file():
-        raw = load_file(str(weights))
-    elif (root / "adapter_model.bin").is_file():
-        raw = torch.load(root / "adapter_model.bin", map_location="cpu", weights_only=True)
-    else:
-        raise CheckpointError(f"{root}: missing adapter_model.safetensors (or adapter_model.bin)")
-    state = _peft_llm_keys(raw, root)
+    state = peft_llm_keys(peft_adapter_tensors(root), root)
     if model.has_lora():
         merge_lora(model)  # peft should wrap plain nn.Linear: fold our own LoRA deltas (ViT and LLM) first
     try:
@@ -228,7 +221,17 @@ def apply_peft_adapter(model: PoseLLM, adapter_dir: str | Path) -> PoseLLM:
     return model.eval()
 
 
-def _peft_llm_keys(raw: dict[str, torch.Tensor], root: Path) -> dict[str, torch.Tensor]:
+def peft_adapter_tensors(root: Path) -> dict[str, torch.Tensor]:
+    """The adapter's tensors as peft saved them (safetensors, else the legacy .bin)."""
+    weights = root / "adapter_model.safetensors"
+    if weights.is_file():
+        return load_file(str(weights))
+    if (root / "adapter_model.bin").is_file():
+        return torch.load(root / "adapter_model.bin", map_location="cpu", weights_only=True)
+    raise CheckpointError(f"{root}: missing adapter_model.safetensors (or adapter_model.bin)")
+
+
+def peft_llm_keys(raw: dict[str, torch.Tensor], root: Path) -> dict[str, torch.Tensor]:
     """Normalise to `base_model.model.model.layers...` (peft wrapping a LlamaForCausalLM, which we wrap too).
 
     Adapters trained on a LocLLMModel already have that form; ones trained on our whole PoseLLM carry `llm.`.

@@ -5,13 +5,14 @@ checkpoint's files (safetensors headers; `.bin` shards opened with `torch.load(m
 without reading it) and serves each merged tensor on request: the file is opened, the one tensor (and its LoRA
 factors) copied out, the file closed again, so neither a whole shard nor an fp32 copy of the model is ever resident.
 The strictness is the eager readers': the same CheckpointError lists every missing, unexpected or mis-shaped
-tensor before anything is read. PEFT adapter directories fall back to the eager path (peft's merge needs the
-model); that path is bounded by the model's fp32 size, not the bundle's.
+tensor before anything is read. PEFT adapters (a plain-LoRA adapter directory, or a bundled `adapter/`) are merged
+per weight on top of the lazily read base (`peft_lazy.py`); other adapters fall back to peft's in-memory merge.
 """
 from __future__ import annotations
 
 import dataclasses
 import re
+import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
 from pathlib import Path
@@ -19,8 +20,8 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from .checkpoint import (NATIVE_WEIGHTS, CheckpointError, _kind, check_state, load_checkpoint, native_config,
-                         read_json)
+from .checkpoint import (ADAPTER_CONFIG, ADAPTER_SUBDIR, NATIVE_WEIGHTS, CheckpointError, _kind, adapter_base,
+                         check_state, load_checkpoint, native_config, read_json)
 from .config import PoseLLMConfig
 from .lora import merged_weight
 from .model import PoseLLM
@@ -215,9 +216,23 @@ def _locllm(root: Path) -> LazyCheckpoint:
 
 
 def open_weights(path: str | Path) -> WeightSource:
-    """Native or LocLLM directory → LazyCheckpoint (a bundled `adapter/` or a PEFT adapter → the eager path)."""
+    """Native or LocLLM directory → LazyCheckpoint; a PEFT adapter directory, or a base with a bundled `adapter/`,
+    → that base read lazily with the adapter merged per weight (`peft_lazy`), or — for adapters using more than
+    plain LoRA — peft's own in-memory merge (bounded by the fp32 model, not the bundle)."""
+    from .peft_lazy import PeftMergedWeights, Unsupported
     root = Path(path)
     kind = _kind(root)
-    if kind in ("native", "locllm") and not (root / "adapter" / "adapter_config.json").is_file():
-        return _native(root) if kind == "native" else _locllm(root)
-    return InMemoryWeights(load_checkpoint(root))  # raises the usual CheckpointError for unknown directories
+    if kind == "adapter":
+        base, adapter = adapter_base(root), root
+    elif kind in ("native", "locllm"):
+        base, adapter = root, root / ADAPTER_SUBDIR if (root / ADAPTER_SUBDIR / ADAPTER_CONFIG).is_file() else None
+    else:
+        return InMemoryWeights(load_checkpoint(root))  # raises the usual CheckpointError for unknown directories
+    lazy = _native(base) if _kind(base) == "native" else _locllm(base)
+    if adapter is None:
+        return lazy
+    try:
+        return PeftMergedWeights(lazy, adapter)
+    except Unsupported as e:
+        warnings.warn(f"{e}: not plain LoRA, merged by peft in memory instead of per weight", stacklevel=2)
+        return InMemoryWeights(load_checkpoint(root))

@@ -65,8 +65,98 @@ def test_lazy_reader_is_as_strict_as_the_eager_one(tmp_path, tokenizer_dir):
     assert "mis-shaped: llm.lm_head.weight" in str(err.value)
 
 
-def test_bundled_adapter_falls_back_to_the_eager_loader(tmp_path, tokenizer_dir):
-    """Directories with a PEFT adapter go through peft's merge (in memory), still as a WeightSource."""
+def test_in_memory_weights_serve_the_model(tokenizer_dir):
+    """The eager fallback (adapters beyond plain LoRA) as a WeightSource: the model's own tensors."""
     model = tiny.tiny_model(tiny.tiny_config(tokenizer_dir, lora=False))
     source = InMemoryWeights(model)
     assert torch.equal(source.get("llm.lm_head.weight"), model.state_dict()["llm.lm_head.weight"])
+
+
+def _peft_adapter(tmp_path: Path, tokenizer_dir: Path, **lora) -> tuple[Path, Path]:
+    """A native base (ViT LoRA on, LLM LoRA off) and a peft adapter saved by peft itself on its LLM, nonzero B."""
+    import json
+
+    from peft import LoraConfig, get_peft_model
+    cfg = tiny.tiny_config(tokenizer_dir)
+    cfg = cfg.replace(lora=cfg.lora.__class__(**{**cfg.lora.__dict__, "llm_enable": False}))
+    base = save_native(tiny.tiny_model(cfg, seed=3), tmp_path / "base", tokenizer_dir)
+    llm = get_peft_model(load_checkpoint(base).llm, LoraConfig(lora_dropout=0.0, **lora))
+    with torch.no_grad():
+        for name, p in llm.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, 0.2, generator=torch.Generator().manual_seed(len(name)))
+    adapter = tmp_path / "adapter"
+    llm.save_pretrained(str(adapter))
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": "../base"}))
+    return base, adapter
+
+
+@pytest.mark.parametrize("lora", [dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
+                                  dict(r=2, lora_alpha=5, use_rslora=True,
+                                       target_modules=["k_proj", "o_proj", "gate_proj", "down_proj"])])
+def test_peft_adapter_merges_per_weight_exactly_as_peft(tmp_path, tokenizer_dir, lora):
+    """A plain-LoRA peft adapter is merged per weight on the lazily read base, bit for bit as peft's own
+    merge_and_unload (the eager loader) does it — as an adapter directory and as a base's bundled `adapter/`."""
+    import shutil
+
+    from posellm.peft_lazy import PeftMergedWeights
+    base, adapter = _peft_adapter(tmp_path, tokenizer_dir, **lora)
+    eager = _eager_merged(adapter)
+    bundled = base / "adapter"
+    shutil.copytree(adapter, bundled)
+    for path in (adapter, base):
+        source = open_weights(path)
+        assert isinstance(source, PeftMergedWeights) and isinstance(source.base, LazyCheckpoint)
+        changed = 0
+        for name, want in eager.items():
+            got = source.get(name)
+            assert torch.equal(got, want.float()), name
+            changed += name in source.factors
+        assert changed == len(source.factors) > 0
+        assert torch.equal(source.get_many(list(eager))["llm.lm_head.weight"], eager["llm.lm_head.weight"])
+    print(f"{len(source.factors)} weights merged per weight, all equal to peft's merge")
+
+
+@pytest.mark.parametrize("extra, why", [
+    (dict(target_modules=["q_proj"], use_dora=True), "use_dora=True"),
+    # peft then also saves lm_head's full weight in the adapter (save_embedding_layers), replacing the base's
+    (dict(target_modules=["q_proj", "lm_head"]), "lm_head.base_layer.weight is not a LoRA A/B factor")])
+def test_adapter_beyond_plain_lora_falls_back_to_peft(tmp_path, tokenizer_dir, extra, why):
+    _, adapter = _peft_adapter(tmp_path, tokenizer_dir, r=4, lora_alpha=8, **extra)
+    with pytest.warns(UserWarning, match=why):
+        source = open_weights(adapter)
+    assert isinstance(source, InMemoryWeights)
+    eager = _eager_merged(adapter)
+    assert all(torch.equal(source.get(n), t.float()) for n, t in eager.items())
+
+
+def test_adapter_factors_of_the_wrong_shape_are_named(tmp_path, tokenizer_dir):
+    _, adapter = _peft_adapter(tmp_path, tokenizer_dir, r=4, lora_alpha=8, target_modules=["q_proj"])
+    weights = load_file(str(adapter / "adapter_model.safetensors"))
+    key = next(k for k in weights if "layers.0.self_attn.q_proj.lora_A" in k)
+    weights[key] = weights[key][:, :-1].contiguous()
+    save_file(weights, str(adapter / "adapter_model.safetensors"))
+    with pytest.raises(CheckpointError, match=r"llm\.model\.layers\.0\.self_attn\.q_proj\.weight is \[.*r=4"):
+        open_weights(adapter)
+
+
+def test_adapter_directory_exports_through_the_lazy_path(tmp_path, tokenizer_dir):
+    """`posellm-edge export ADAPTER_DIR` end to end: base tokenizer, per-weight merge, graphs validated; the
+    bundle's decoder weights are the eager peft merge's."""
+    import json
+
+    import numpy as np
+    import onnx
+
+    from exporter.bundle import ExportConfig, export_bundle
+    _, adapter = _peft_adapter(tmp_path, tokenizer_dir, r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    out = export_bundle(ExportConfig(adapter, tmp_path / "bundle", precisions=("fp32",), max_persons=2)).bundle
+    assert json.loads((out / "validation.json").read_text())["passed"]
+    eager = _eager_merged(adapter)
+    q = eager["llm.model.layers.0.self_attn.q_proj.weight"].numpy().T
+    graph = onnx.load(str(out / "fp32" / "decoder.onnx"))
+    found = [t.name for t in graph.graph.initializer if tuple(t.dims) == q.shape
+             and np.array_equal(onnx.numpy_helper.to_array(t), q)]
+    assert found, "layer 0 q_proj (merged with the adapter) not among the decoder's weights"
+
