@@ -14,7 +14,10 @@ load), one run. Random weights make the answers meaningless; template decoding's
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -22,9 +25,7 @@ from typing import Any
 from benchmarks.bench import BenchConfig, benchmark
 from benchmarks.export_memory import write_checkpoint
 from benchmarks.recorded import recorded
-from calibration.quantize import QuantizeConfig, quantize_bundle
 from exporter.bundle import ExportConfig, export_bundle
-from runtime.memory import reset_peak_rss
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -34,7 +35,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--images", required=True, type=Path)
     p.add_argument("--preset", default="posellm-7b", help="model shapes (tiny: the CPU smoke test)")
     p.add_argument("--layers", type=int, default=2)
-    p.add_argument("--persons", type=int, default=4, help="timed persons per variant")
+    p.add_argument("--persons", type=int, default=4, help="timed persons per variant (0: quantize only, no bench)")
     p.add_argument("--levels", type=int, nargs="+", default=[4, 0], help="MatMulNBits accuracy levels to time")
     p.add_argument("--block-size", type=int, default=64)
     p.add_argument("--out", required=True, type=Path)
@@ -75,14 +76,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for level in a.levels:
             for bits in (4, 8):
                 name = f"{'int4' if bits == 4 else 'int8wo'}{'' if level == 4 else f'_level{level}'}"
-                reset_peak_rss()
-                q = quantize_bundle(QuantizeConfig(bundle, bits=bits, block_size=a.block_size, method="rtn",
-                                                   name=name, accuracy_level=level, threads=a.threads))
-                quantize[name] = {"seconds": q.artifact["seconds"],
-                                  "peak_rss_gb": round(q.artifact["peak_rss_bytes"] / 1e9, 3),
-                                  "decoder_weight_bytes": q.artifact["sizes"]["onnxruntime_weight_bytes"]}
+                # as a user runs it: its own process, so its peak RSS is quantize's alone
+                cmd = [sys.executable, "-m", "posellm_edge.cli", "quantize", str(bundle), "--bits", str(bits),
+                       "--block-size", str(a.block_size), "--method", "rtn", "--name", name,
+                       "--accuracy-level", str(level)] + (["--threads", str(a.threads)] if a.threads else [])
+                proc = subprocess.run(cmd, capture_output=True, text=True)
+                if proc.returncode:
+                    raise RuntimeError(f"quantize {name} failed ({proc.returncode}): {proc.stderr[-2000:]}")
+                artifact = json.loads((bundle / name / "quantization.json").read_text())
+                quantize[name] = {"seconds": artifact["seconds"],
+                                  "peak_rss_gb": round(artifact["peak_rss_bytes"] / 1e9, 3),
+                                  "decoder_weight_bytes": artifact["sizes"]["onnxruntime_weight_bytes"]}
                 names.append(name)
         res["prepare_s"] = round(time.perf_counter() - t0, 1)
+        if a.persons == 0:
+            return res
         report = benchmark(BenchConfig(bundles=(bundle,), coco=a.coco, images=a.images, precisions=tuple(names),
                                        decodings=("template",), persons=a.persons, warmup=1, batch_sizes=(1,),
                                        interleave=True))
