@@ -208,9 +208,10 @@ NOTES = {  # what the quantized variants run, per backend family
                 "or int4 (blocked) weights as Q/DQ, derived from the fp16 graphs, so no layer falls back to FP32 "
                 "under strong typing; every decode pass streams all decoder weights, so they are meant to beat fp16 "
                 "there. int8wo's blocked-int8 Q/DQ is outside TensorRT's documented support (`build` refuses it).",
-    "onnxruntime": "On onnxruntime (CPU/CUDA EPs) int4 / int8wo run MatMulNBits with fp32 activations (weights "
-                   "unpacked per block inside the kernel); int8 runs the fp32 Q/DQ graphs (DequantizeLinear "
-                   "re-expands every weight per call).",
+    "onnxruntime": "On onnxruntime (CPU/CUDA EPs) int4 / int8wo run MatMulNBits: on the CPU EP at the accuracy level "
+                   "`quantize` wrote (default 4: activations quantized to int8 per block, int8 dot products; 0: fp32 "
+                   "math), on the CUDA EP in float; int8 runs the fp32 Q/DQ graphs (DequantizeLinear re-expands "
+                   "every weight per call).",
 }
 
 
