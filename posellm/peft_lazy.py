@@ -30,7 +30,8 @@ _PLAIN = {"use_dora": False, "bias": "none", "fan_in_fan_out": False, "lora_bias
 
 
 def _plain_lora_problems(cfg) -> list[str]:
-    problems = [f"peft_type={cfg.peft_type}"] if "LORA" not in str(cfg.peft_type).upper() else []
+    kind = getattr(cfg.peft_type, "value", cfg.peft_type)  # PeftType.LORA or "LORA" (AdaLoRA, LoHa... differ)
+    problems = [f"peft_type={kind}"] if kind != "LORA" else []
     for field, plain in _PLAIN.items():
         value = getattr(cfg, field, plain)  # fields newer than the installed peft are absent: plain
         if value and value != plain:

@@ -131,6 +131,17 @@ def test_adapter_beyond_plain_lora_falls_back_to_peft(tmp_path, tokenizer_dir, e
     assert all(torch.equal(source.get(n), t.float()) for n, t in eager.items())
 
 
+def test_only_plain_lora_configs_pass_the_per_weight_merge():
+    from peft import LoraConfig, PeftType
+
+    from posellm.peft_lazy import _plain_lora_problems
+    assert _plain_lora_problems(LoraConfig(r=4, use_rslora=True, target_modules=["q_proj"])) == []
+    other = LoraConfig(r=4, rank_pattern={"q_proj": 8}, modules_to_save=["lm_head"])
+    assert _plain_lora_problems(other) == ["modules_to_save=['lm_head']", "rank_pattern={'q_proj': 8}"]
+    other.peft_type = PeftType.ADALORA  # a different merge, though its name contains LORA
+    assert _plain_lora_problems(other)[0] == "peft_type=ADALORA"
+
+
 def test_adapter_factors_of_the_wrong_shape_are_named(tmp_path, tokenizer_dir):
     _, adapter = _peft_adapter(tmp_path, tokenizer_dir, r=4, lora_alpha=8, target_modules=["q_proj"])
     weights = load_file(str(adapter / "adapter_model.safetensors"))
