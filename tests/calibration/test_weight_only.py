@@ -361,3 +361,16 @@ def test_validation_against_another_checkpoint_is_refused(tmp_path, tokenizer_di
     with pytest.raises(QuantizationError, match="no linear weight of the checkpoint matches"):
         quantize_bundle(QuantizeConfig(out, bits=4, block_size=32, method="rtn", checkpoint=other, threads=1))
     assert "int4" not in load_manifest(out).variants and not list(out.glob(".int4.tmp-*"))
+
+
+def test_activation_quantization_beyond_its_bound_publishes_nothing(tmp_path, tiny_bundle, monkeypatch):
+    """The level-4 sanity bound is a real gate: with a bound no int8-activation kernel meets, quantize refuses,
+    names the figure and the way out, and leaves neither a variant nor the level-0 twin behind."""
+    import calibration.quantize as quantize_module
+    monkeypatch.setattr(quantize_module, "ACTIVATION_QUANT_BOUND", 0.0)
+    out = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle, out)
+    with pytest.raises(QuantizationError, match=r"accuracy level 4: .* use --accuracy-level 0"):
+        quantize_bundle(QuantizeConfig(out, bits=8, block_size=32, method="rtn", threads=1))
+    assert "int8wo" not in load_manifest(out).variants
+    assert not list(out.glob(".int8wo.tmp-*")) and not list(out.rglob("*.level0.onnx"))
