@@ -19,8 +19,8 @@ from .errors import InputError
 
 __all__ = [
     "CLIP_MEAN", "CLIP_STD", "DINO_MEAN", "DINO_STD", "Crop", "CropSpec", "box_to_center_scale",
-    "crop_at_center_scale", "crop_person", "crop_persons", "crop_to_image", "ensure_rgb",
-    "get_affine_transform", "image_to_crop", "load_image", "normalize", "sanitize_box", "validate_box",
+    "crop_at_center_scale", "crop_person", "crop_persons", "crop_to_image", "decode_pil", "ensure_rgb",
+    "get_affine_transform", "IMAGE_DECODE_ERRORS", "image_to_crop", "load_image", "normalize", "sanitize_box", "validate_box",
     "warp_affine",
 ]
 
@@ -36,16 +36,28 @@ _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 
 
 # ---------------------------------------------------------------------------------------------- images
+# What Pillow raises for bytes it cannot decode: unknown format, truncated data, a decompression bomb.
+IMAGE_DECODE_ERRORS = (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError)
+
+
+def decode_pil(fp, max_pixels: int | None = None) -> Image.Image:
+    """Open and fully decode an image file (a path or a file object), so a truncated file fails here and not later;
+    more than `max_pixels` is refused before decoding. Raises IMAGE_DECODE_ERRORS for unreadable data."""
+    with Image.open(fp) as im:
+        if max_pixels is not None and im.width * im.height > max_pixels:
+            raise InputError(f"image is {im.width}x{im.height} pixels; at most {max_pixels} are accepted")
+        im.load()
+        return im.copy()
+
+
 def load_image(path: str | os.PathLike) -> np.ndarray:
     """Read an image file as uint8 HxWx3 RGB; EXIF orientation is ignored like cv2 IMREAD_IGNORE_ORIENTATION."""
     name = os.fspath(path)
     try:
-        with Image.open(name) as im:
-            im.load()  # decode now so truncated files fail here, inside the try
-            image = im.copy()
+        image = decode_pil(name)
     except FileNotFoundError:
         raise InputError(f"image file {name!r} does not exist") from None
-    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError) as exc:
+    except IMAGE_DECODE_ERRORS as exc:
         raise InputError(f"cannot read image file {name!r}: {type(exc).__name__}: {exc}") from exc
     try:
         return ensure_rgb(image)

@@ -15,10 +15,9 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
 
 from runtime.errors import InputError
-from runtime.preprocess import ensure_rgb, validate_box
+from runtime.preprocess import IMAGE_DECODE_ERRORS, decode_pil, ensure_rgb, validate_box
 
 KeypointSet = tuple[tuple[str, str], ...]  # () = the bundle's 17 COCO keypoints
 MAX_IMAGE_PIXELS = 50_000_000  # decompression-bomb guard for a server (PIL's default warns at 89 M)
@@ -36,14 +35,10 @@ def decode_image(data: bytes) -> np.ndarray:
     if not data:
         raise InputError("image is empty; expected the bytes of an encoded image file (JPEG, PNG, ...)")
     try:
-        with Image.open(io.BytesIO(data)) as im:
-            if im.width * im.height > MAX_IMAGE_PIXELS:
-                raise InputError(f"image is {im.width}x{im.height} pixels; at most {MAX_IMAGE_PIXELS} are accepted")
-            im.load()  # decode now so truncated files fail here
-            return ensure_rgb(im.copy())
-    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError) as exc:
-        if isinstance(exc, InputError):
-            raise
+        return ensure_rgb(decode_pil(io.BytesIO(data), MAX_IMAGE_PIXELS))
+    except InputError:
+        raise
+    except IMAGE_DECODE_ERRORS as exc:
         raise InputError(f"image bytes ({len(data)} B) are not a readable image file: "
                          f"{type(exc).__name__}: {exc}") from None
 
