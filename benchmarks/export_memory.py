@@ -164,12 +164,6 @@ def slopes(runs: list[dict[str, Any]]) -> dict[str, Any]:
 def merge(files: list[Path], out: Path, note: str) -> dict[str, Any]:
     """Runs of several invocations (e.g. one layer count each) as one result, slopes over all of them."""
     parts = [json.loads(f.read_text()) for f in files]
-    for part in parts:  # results written before peak_rss_gb became the child's own VmHWM: same fields, renamed
-        for r in part["runs"]:
-            if "manifest_peak_rss_gb" in r:
-                r["wait4_maxrss_gb"], r["peak_rss_gb"] = r["peak_rss_gb"], r.pop("manifest_peak_rss_gb")
-                r["peak_over_variant"] = round(r["peak_rss_gb"] / r["variant_gb"], 3)
-                r["meets_target"] = r["peak_rss_gb"] <= r["target_gb"]
     res = {k: v for k, v in parts[0].items() if k not in ("runs", "per_layer", "all_runs_meet_target", "status")}
     res["wait4_note"] = WAIT4_NOTE
     res["merged_from"] = [{"file": f.name, "status": p["status"], "runs": len(p["runs"])} for f, p in zip(files, parts)]

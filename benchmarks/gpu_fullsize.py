@@ -13,7 +13,6 @@ import argparse
 import dataclasses
 import os
 import platform
-import resource
 import shutil
 import signal
 import threading
@@ -33,6 +32,7 @@ from posellm.model import PoseLLM
 from posellm.reference import Generation, ReferenceEstimator
 from runtime.answer import step_confidences
 from runtime.backends.base import Stopwatch
+from runtime.memory import peak_rss_bytes
 from runtime.preprocess import crop_persons, ensure_rgb
 from runtime.prompts import PromptTokenizer
 from runtime.results import write_json
@@ -350,7 +350,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         res["error"] = f"{type(e).__name__}: {e}"[:2000]
         raise
     finally:
-        res["peak_ram_gb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1 << 20), 2)
+        res["peak_ram_gb"] = round(peak_rss_bytes() / GIB, 2)
         if cuda:
             sampler.stop.set()
             res["peak_gpu_device_gb"] = None if sampler.peak_mib is None else round(sampler.peak_mib / 1024, 2)
