@@ -24,9 +24,9 @@ import onnx
 from onnx import TensorProto, external_data_helper, helper, numpy_helper
 
 from runtime.errors import PoseLLMEdgeError
+from runtime.onnx_external import EXTERNAL_DATA_THRESHOLD, EXTERNAL_MIN_BYTES
 
 QUANTIZED_OP_TYPES = ("MatMul", "Gemm", "Conv")
-EXTERNAL_DATA_THRESHOLD = 1 << 28  # as exporter/onnx_export.py: beyond 256 MB of weights use one `.data` file
 DQ_FP16_OPSET = 19  # DequantizeLinear takes a float16 scale (and outputs float16) from opset 19
 
 
@@ -201,7 +201,7 @@ def save_graph(model: onnx.ModelProto, path: Path) -> None:
         onnx.save_model(model, str(path))
     else:
         onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=path.name + ".data", size_threshold=1024)
+                        location=path.name + ".data", size_threshold=EXTERNAL_MIN_BYTES)
 
 
 # ----------------------------------------------------------------------------------------------- inspection

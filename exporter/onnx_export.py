@@ -13,16 +13,13 @@ import onnx.numpy_helper
 import torch
 
 from runtime.manifest import GraphSpec, TensorSpec
+from runtime.onnx_external import EXTERNAL_DATA_THRESHOLD
 
 from .graphs import DecoderGraph, VisionGraph, decoder_io_names
 from .reshape_check import reshape_problems
 from .streamed import PlaceholderModel, export_streamed
 
 OPSET = 17  # LayerNormalization is native from 17; TensorRT 10 parses opsets 9–20+
-# Beyond 256 MB of weights a graph keeps them in one `.data` file: an inline graph is held several times over while
-# it is serialized, re-read and parsed (a 1.07 GB inline fp16 decoder took the export's RSS to 4.7 GB), while
-# external data is streamed in and mmapped by onnxruntime. Smaller graphs stay one self-contained file.
-EXTERNAL_DATA_THRESHOLD = 1 << 28
 
 
 def _export(module: torch.nn.Module, placeholders: PlaceholderModel, args: tuple, path: Path, inputs: list[str],

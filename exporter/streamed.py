@@ -32,8 +32,8 @@ from torch import nn
 
 from posellm.lazy_weights import WeightSource
 from posellm.model import PoseLLM
+from runtime.onnx_external import EXTERNAL_MIN_BYTES
 
-EXTERNAL_MIN_BYTES = 1024  # smaller initializers stay inside the graph (as onnx.save_model's size_threshold)
 _ALIGN_MIN_BYTES, _ALIGN = 1 << 20, 1 << 16  # as onnx's writer: large tensors start on 64 KiB (mmap-able)
 
 
