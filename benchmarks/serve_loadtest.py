@@ -17,7 +17,6 @@ import argparse
 import os
 import platform
 import signal
-import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -30,14 +29,8 @@ from runtime.estimator import Estimator, EstimatorConfig
 from runtime.preprocess import load_image
 from runtime.results import write_json
 from serve.cli import start, stop
-from serve.config import ServeConfig
+from serve.config import ServeConfig, free_loopback_port
 from serve.loadtest import LoadRequest, read_requests, run_load
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def post(url: str, req: LoadRequest, timeout: float = 60.0, tokens: bool = False) -> httpx.Response:
@@ -171,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     requests = read_requests(args.coco, args.images)
-    config = ServeConfig(bundle=args.bundle, port=free_port(), batch_wait_ms=args.batch_wait_ms,
+    config = ServeConfig(bundle=args.bundle, port=free_loopback_port(), batch_wait_ms=args.batch_wait_ms,
                          replicas=args.replicas, threads=args.threads)
     report: dict = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
                                 "loadavg_start": os.getloadavg(),

@@ -1,6 +1,8 @@
 """`ServeConfig`: everything `posellm-edge serve` needs to load the bundle and lay out the Ray Serve deployment."""
 from __future__ import annotations
 
+import random
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -8,6 +10,28 @@ from runtime.errors import InputError
 from runtime.estimator import DECODINGS
 
 APP_NAME = "posellm"
+# Ray binds its workers to 10002-19999 and its other processes to ephemeral ports (from 32768 by default) while it
+# starts, after a port for Serve was picked: a pick from either range can be taken before Serve's proxy binds it
+# (seen: "Failed to bind to address '127.0.0.1:33347'"). Between the two, nothing of Ray's lands.
+_QUIET_PORTS = (20000, 32767)
+
+
+def free_loopback_port(attempts: int = 200) -> int:
+    """A loopback TCP port free now and outside the ranges Ray's own processes take while it starts."""
+    lo, hi = _QUIET_PORTS
+    try:  # the kernel's ephemeral range, where it differs from Linux's default
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            hi = min(hi, int(f.read().split()[0]) - 1)
+    except (OSError, ValueError, IndexError):
+        pass
+    for port in random.sample(range(lo, hi + 1), min(attempts, hi + 1 - lo)):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise OSError(f"no free loopback port in {lo}-{hi} after {attempts} tries")
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import base64
 import json
-import socket
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -16,23 +15,17 @@ httpx = pytest.importorskip("httpx", reason="needs the `serve` extra (httpx)")
 
 from runtime.estimator import Estimator  # noqa: E402
 from serve import payload  # noqa: E402
-from serve.config import ServeConfig  # noqa: E402
+from serve.config import ServeConfig, free_loopback_port  # noqa: E402
 
 THUMB = {"name": "left thumb", "description": "The left thumb is the short first digit of the left hand."}
 MAX_BODY_MB = 1.0
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def service(small_bundle):
     from serve.cli import start, stop
     # a long batch wait so that a burst of concurrent requests reliably meets in one batch
-    cfg = ServeConfig(bundle=small_bundle, port=_free_port(), batch_wait_ms=200.0, max_body_mb=MAX_BODY_MB)
+    cfg = ServeConfig(bundle=small_bundle, port=free_loopback_port(), batch_wait_ms=200.0, max_body_mb=MAX_BODY_MB)
     url = start(cfg, {"num_cpus": 2, "include_dashboard": False, "log_to_driver": False})
     try:
         yield url

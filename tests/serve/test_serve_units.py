@@ -171,3 +171,13 @@ def test_serve_cli_arguments_make_a_config():
     with pytest.raises(InputError, match="expected MIN,MAX"):
         from serve.config import parse_autoscale
         parse_autoscale("4")
+
+
+def test_free_loopback_port_is_bindable_and_outside_rays_ranges():
+    import socket
+
+    from serve.config import free_loopback_port
+    port = free_loopback_port()
+    assert 20000 <= port <= 32767  # not Ray's worker ports (10002-19999) nor the kernel's ephemeral ones
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", port))
