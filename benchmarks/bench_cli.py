@@ -33,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         coco, images = args.coco, args.images
         if coco is None:
-            from posellm.data.synthetic import SyntheticConfig, generate_dataset
+            from training.data.synthetic import SyntheticConfig, generate_dataset
             root = generate_dataset(SyntheticConfig(num_images=8, seed=7), Path(tmp) / "synthetic")
             coco, images = root / "person_keypoints.json", root / "images"
         elif images is None:

@@ -18,7 +18,7 @@ mkdir -p "$OUT"
 start=$(date +%s)
 
 echo "== held-out synthetic val set (same generator and seed as the model's val set)"
-"$PY" -m posellm.data.synthetic --out "$OUT/val" --num-images "${VAL_IMAGES:-40}" --seed 2000 \
+"$PY" -m training.data.synthetic --out "$OUT/val" --num-images "${VAL_IMAGES:-40}" --seed 2000 \
   --domain-of "$CKPT/train_config.json"
 ANN="$OUT/val/person_keypoints.json"
 IMAGES="$OUT/val/images"

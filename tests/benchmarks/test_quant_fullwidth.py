@@ -7,7 +7,7 @@ from benchmarks.quant_fullwidth import main
 
 
 def test_tiny_run_times_every_variant_against_fp32(tokenizer_dir, tmp_path):
-    from posellm.data.synthetic import SyntheticConfig, generate_dataset
+    from training.data.synthetic import SyntheticConfig, generate_dataset
     coco = generate_dataset(SyntheticConfig(num_images=2, seed=3), tmp_path / "coco")
     out = tmp_path / "res.json"
     res = main(["--preset", "tiny", "--layers", "1", "--tokenizer", str(tokenizer_dir), "--persons", "1",

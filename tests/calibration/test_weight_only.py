@@ -307,7 +307,7 @@ def test_template_and_free_token_identical_on_int4(grammar_int4):
 
 def test_gptq_variant_from_calibration_crops(tmp_path, tiny_bundle):
     """GPTQ on crops of a small synthetic COCO file (the project's own generator writes real COCO json + jpgs)."""
-    from posellm.data.synthetic import SyntheticConfig, generate_dataset
+    from training.data.synthetic import SyntheticConfig, generate_dataset
     coco = generate_dataset(SyntheticConfig(num_images=2, seed=7), tmp_path / "coco")
     out = tmp_path / "bundle"
     shutil.copytree(tiny_bundle, out)

@@ -13,9 +13,9 @@ from benchmarks.coco_metrics import coco_keypoint_metrics
 from benchmarks.evaluate import persons_by_image, run_variant
 from exporter.bundle import ExportConfig, export_bundle
 from posellm.checkpoint import load_checkpoint
-from posellm.data.synthetic import ANNOTATION_FILE, SyntheticConfig, generate_dataset, render_image
+from training.data.synthetic import ANNOTATION_FILE, SyntheticConfig, generate_dataset, render_image
 from posellm.reference import ReferenceEstimator
-from posellm.train_config import TrainConfig
+from training.config import TrainConfig
 from runtime.estimator import Estimator, EstimatorConfig
 from runtime.prompts import PromptTokenizer
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from posellm.data.synthetic import SyntheticConfig, render_image
+from training.data.synthetic import SyntheticConfig, render_image
 
 MODEL = Path(__file__).resolve().parents[2] / "models" / "posellm-small"
 MAX_PERSONS = 3

@@ -1,6 +1,6 @@
 """Train a small PoseLLM from scratch on synthetic people, then LoRA-fine-tune it (SPEC §5, scaled down).
 
-    python -m posellm.train --config CONFIG.json --out DIR [--work WORKDIR] [--base BASE_CKPT] [--resume]
+    python -m training.train --config CONFIG.json --out DIR [--work WORKDIR] [--base BASE_CKPT] [--resume]
 
 Phase `base`: all parameters, LoRA disabled. Phase `finetune`: LoRA (B = 0 at start) on the ViT q/v thirds and the
 LLM q_proj/v_proj, trained together with the full connector; everything else frozen. Answer-only cross-entropy on
@@ -29,19 +29,19 @@ from pathlib import Path
 from typing import Any
 
 # Sleeping (not spinning) OpenMP workers: on a shared 2-core machine spinning threads slow a step 3-6x whenever
-# another process is busy. Only effective before torch is first imported (python -m posellm.train).
+# another process is busy. Only effective before torch is first imported (python -m training.train).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch
 
 from runtime.preprocess import CLIP_MEAN, CLIP_STD
 from runtime.prompts import PromptTokenizer
 
-from .checkpoint import load_checkpoint, save_native
-from .model import PoseLLM
-from .small_tokenizer import build_small_tokenizer
-from .train_config import PhaseConfig, TrainConfig
-from .train_data import Augment, PersonSet, Sampler, SequenceBuilder, ensure_dataset
-from .train_losses import heatmap_loss, heatmap_probe, lm_loss
+from posellm.checkpoint import load_checkpoint, save_native
+from posellm.model import PoseLLM
+from posellm.small_tokenizer import build_small_tokenizer
+from .config import PhaseConfig, TrainConfig
+from .samples import Augment, PersonSet, Sampler, SequenceBuilder, ensure_dataset
+from .losses import heatmap_loss, heatmap_probe, lm_loss
 
 
 class Log:
@@ -153,8 +153,8 @@ def evaluate(model: PoseLLM, ptok: PromptTokenizer, dataset_dir: Path) -> dict[s
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
 
-    from .reference import ReferenceEstimator
-    from .train_data import ANNOTATION_FILE
+    from posellm.reference import ReferenceEstimator
+    from .samples import ANNOTATION_FILE
     data = PersonSet(dataset_dir)
     est = ReferenceEstimator(model, ptok)
     by_image: dict[str, list] = {}
@@ -319,7 +319,7 @@ def _save_into(model: PoseLLM, out: Path, tok_dir: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m posellm.train", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m training.train", description=__doc__.split("\n")[0])
     ap.add_argument("--config", required=True, help="TrainConfig JSON (unknown keys are errors)")
     ap.add_argument("--out", required=True, help="output model directory")
     ap.add_argument("--work", default="/tmp/posellm-train", help="scratch directory (base checkpoint)")

@@ -9,10 +9,10 @@ import torch
 
 from posellm.config import ConfigError
 from posellm.small_tokenizer import build_small_tokenizer
-from posellm.train import enable_lora, lr_at, main, train_phase
-from posellm.train_config import TrainConfig
-from posellm.train_data import IGNORE_INDEX, Augment, PersonSet, Sampler, SequenceBuilder, ensure_dataset, patch_targets
-from posellm.train_losses import lm_loss
+from training.train import enable_lora, lr_at, main, train_phase
+from training.config import TrainConfig
+from training.samples import IGNORE_INDEX, Augment, PersonSet, Sampler, SequenceBuilder, ensure_dataset, patch_targets
+from training.losses import lm_loss
 from runtime.keypoints import standard_keypoints
 from runtime.preprocess import CLIP_MEAN, CLIP_STD
 from runtime.prompts import PromptTokenizer
@@ -176,7 +176,7 @@ def test_pointer_probe_equals_eager_attention(ptok, people):
     """PointerProbe's one-head recomputation = head 0 of the layer's eager attention probabilities (max diff
     printed, tolerance 1e-6) at every supervised row."""
     from posellm.model import PoseLLM
-    from posellm.train_losses import PointerProbe
+    from training.losses import PointerProbe
     cfg = TrainConfig.from_dict({**TINY, "llm_layers": 2})
     torch.manual_seed(0)
     model = PoseLLM(cfg.model_config(ptok.tokenizer.get_vocab_size(), ptok.special.image, lora=False), "eager")

@@ -1,6 +1,6 @@
 """Synthetic COCO person-keypoint datasets: scenes of procedural figures.
 
-    python -m posellm.data.synthetic --out DIR --num-images N --seed S [--preview PNG]
+    python -m training.data.synthetic --out DIR --num-images N --seed S [--preview PNG]
 
 writes DIR/images/NNNNNN.jpg and DIR/person_keypoints.json (COCO format).  Image i is
 rendered from ``np.random.default_rng([seed, i])`` alone, so the same config gives
@@ -34,7 +34,7 @@ OCCLUDER_LABEL = 255
 # 'plain': a noisy two-colour gradient only (no shapes, stripes or photos) — the low-clutter domain of the
 # shipped small model; 'texture' adds shapes/stripes/colour noise, 'photo' sample photos, 'mixed' both.
 BACKGROUNDS = ("texture", "photo", "mixed", "plain")
-# The SyntheticConfig fields a training config may set (posellm.train.TrainConfig.domain); same names as the flags.
+# The SyntheticConfig fields a training config may set (training.train.TrainConfig.domain); same names as the flags.
 DOMAIN_KEYS = ("background", "occluder_prob", "truncation_prob", "max_persons")
 
 
@@ -321,7 +321,7 @@ def draw_preview(dataset_dir: str | os.PathLike, out_path: str | os.PathLike, n:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m posellm.data.synthetic", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m training.data.synthetic", description=__doc__.split("\n")[0])
     ap.add_argument("--out", required=True, help="output dataset directory")
     ap.add_argument("--num-images", type=int, required=True)
     ap.add_argument("--seed", type=int, default=0)
@@ -334,7 +334,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--background", choices=BACKGROUNDS, default="mixed")
     ap.add_argument("--preview", default=None, help="also write a contact sheet PNG here")
     ap.add_argument("--domain-of", default=None, metavar="TRAIN_CONFIG_JSON",
-                    help="take background / occluder / truncation / max-persons from a posellm.train config "
+                    help="take background / occluder / truncation / max-persons from a training.train config "
                          "(e.g. a model's train_config.json), so a val set has its training domain")
     args = ap.parse_args(argv)
     if args.domain_of:

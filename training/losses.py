@@ -1,4 +1,4 @@
-"""The training objectives of `posellm.train`: answer cross-entropy with optional pointer (attention) and ViT
+"""The training objectives of `training.train`: answer cross-entropy with optional pointer (attention) and ViT
 heatmap supervision, the vision warm-up's heatmap loss, and its pixel-error probe."""
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ from typing import Any
 
 import torch
 
-from .model import PoseLLM
-from .train_config import TrainConfig
-from .train_data import Sampler
+from posellm.model import PoseLLM
+from .config import TrainConfig
+from .samples import Sampler
 
 
 def lm_loss(model: PoseLLM, sampler: Sampler, cfg: TrainConfig, pointer_weight: float = 0.0,

@@ -1,7 +1,7 @@
-"""Plot a `posellm.train` log (train_log.txt) as learning curves: the main loss term of every phase over its
+"""Plot a `training.train` log (train_log.txt) as learning curves: the main loss term of every phase over its
 steps, and the probe scores (vision: heatmap soft-argmax pixel error; base / finetune: probe-set AP).
 
-    python -m posellm.learning_curve models/posellm-small/train_log.txt models/posellm-small/learning_curve.png
+    python -m training.learning_curve models/posellm-small/train_log.txt models/posellm-small/learning_curve.png
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Typed configuration of `posellm.train`: phases, model size, synthetic domain, objectives (strict JSON)."""
+"""Typed configuration of `training.train`: phases, model size, synthetic domain, objectives (strict JSON)."""
 from __future__ import annotations
 
 import dataclasses
@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .config import LLMConfig, LoRAConfig, PoseLLMConfig, VisionConfig, _strict
+from posellm.config import LLMConfig, LoRAConfig, PoseLLMConfig, VisionConfig, _strict
 from .data.synthetic import DOMAIN_KEYS
 
 
@@ -83,7 +83,7 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     def domain(self) -> dict[str, Any]:
-        """SyntheticConfig overrides of the data domain (`python -m posellm.data.synthetic` flags of the same names)."""
+        """SyntheticConfig overrides of the data domain (`python -m training.data.synthetic` flags of the same names)."""
         return {key: getattr(self, key) for key in DOMAIN_KEYS}
 
     def model_config(self, vocab_size: int, image_token_id: int, lora: bool) -> PoseLLMConfig:

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from posellm.data import figure as F
-from posellm.data.synthetic import (ANNOTATION_FILE, SyntheticConfig, generate_dataset, main,
+from training.data import figure as F
+from training.data.synthetic import (ANNOTATION_FILE, SyntheticConfig, generate_dataset, main,
                                     render_image)
 
 
