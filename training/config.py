@@ -42,6 +42,10 @@ class TrainConfig:
     val_images: int = 80
     val_seed: int = 2000
     max_rounds: int = 5
+    # 'conversation': up to max_rounds Q/A rounds in one sequence (later rounds see earlier answers);
+    # 'shared_prefix': every round over one cached image prefix, as inference asks them (training.shared_prefix)
+    round_layout: str = "conversation"
+    ordinal_weight: float = 0.0  # shared_prefix: weight of the ordinal soft target on each coordinate's 2 first digits
     augment: bool = True
     rot_factor: float = 40.0  # augmentation rotation ±deg (p 0.5), LocLLM's 40
     # synthetic domain (SyntheticConfig), the same for train, probe and val sets
@@ -58,6 +62,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     vision: PhaseConfig = PhaseConfig(steps=0)  # optional ViT warm-up (0 steps = none)
     vision_batch_size: int = 64
+    vision_stop_px: float = 0.0  # >0: the warm-up ends at the first probe whose mean pixel error is at most this
     pointer_weight: float = 0.0  # base phase: attention supervision (see lm_loss); 0 = plain cross-entropy
     pointer_layer: int = 1
     heatmap_weight: float = 0.0  # base phase: keep the vision warm-up's heatmap loss on the ViT tokens
@@ -81,6 +86,12 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def __post_init__(self) -> None:
+        if self.round_layout not in ("conversation", "shared_prefix"):
+            raise ValueError(f"round_layout {self.round_layout!r}: expected 'conversation' or 'shared_prefix'")
+        if not 0.0 <= self.ordinal_weight <= 1.0:
+            raise ValueError(f"ordinal_weight {self.ordinal_weight}: expected a weight in [0, 1]")
 
     def domain(self) -> dict[str, Any]:
         """SyntheticConfig overrides of the data domain (`python -m training.data.synthetic` flags of the same names)."""

@@ -112,13 +112,77 @@ def heatmap_probe(model: PoseLLM, heads: torch.nn.ModuleList, batch: tuple[torch
     pixels, target, coords = batch
     crop = model.cfg.crop_size
 
-    def probe() -> str:
+    def probe() -> str:  # probe.last_px: the mean error of the latest call (the warm-up's stop criterion)
         with torch.no_grad():
             tokens = model.vision_model(pixels)
             prob = heads[0](tokens).transpose(1, 2).softmax(-1)
             heat, _ = heat_terms(model, heads, tokens, target)
         labelled = target.sum(-1) > 0
         err = ((prob @ patch_centres(model.cfg.grid) - coords).norm(dim=-1) * crop)[labelled]
+        probe.last_px = float(err.mean())  # type: ignore[attr-defined]
         return (f"heat ce {float(heat):.3f}, soft-argmax error mean {float(err.mean()):.2f} px, "
                 f"median {float(err.median()):.2f} px ({int(labelled.sum())} keypoints)")
     return probe
+
+
+def digit_ids(ptok) -> list[int]:
+    """Token ids of the digits 0..9 as they appear inside an answer (LLaMA splits digits: one token each)."""
+    head = ptok.encode_chunk("[0.")
+    ids = ptok.encode_chunk("[0.0123456789")
+    if ids[: len(head)] != head or len(ids) != len(head) + 10:
+        raise ValueError(f"digits must be single tokens after '[0.', got {ids}")
+    return ids[len(head):]
+
+
+def ordinal_targets(labels: torch.Tensor, digits: list[int], vocab: int, weight: float, sigma: float = 1.0
+                    ) -> torch.Tensor:
+    """Soft targets [..., vocab] for digit labels: (1 - weight) × one-hot + weight × a Gaussian (σ in digit
+    units) over the ten digit tokens, so a neighbouring digit costs less than a distant one."""
+    table = torch.zeros(vocab, vocab)
+    table[torch.arange(vocab), torch.arange(vocab)] = 1.0
+    value = torch.arange(10, dtype=torch.float32)
+    ids = torch.tensor(digits)
+    for d, tok in enumerate(digits):
+        g = torch.exp(-0.5 * ((value - d) / sigma) ** 2)
+        table[tok] *= 1 - weight
+        table[tok, ids] += weight * g / g.sum()
+    return table[labels]
+
+
+def rounds_loss(model: PoseLLM, sampler: Sampler, cfg: TrainConfig, pointer_weight: float = 0.0,
+                heads: torch.nn.ModuleList | None = None, heatmap_weight: float = 0.0) -> Callable[[], Any]:
+    """Answer cross-entropy over every labelled keypoint of each crop in the shared-prefix layout
+    (training.shared_prefix), with ordinal soft targets on the first two digits of each coordinate
+    (cfg.ordinal_weight), and the optional pointer and heatmap terms of lm_loss. Returns (total, answer CE)."""
+    from .shared_prefix import DIGIT_SLOTS, KeptInputs, answer_rows, forward_rounds, head_attention
+    kept = KeptInputs(model.llm.model.layers[cfg.pointer_layer].self_attn) if pointer_weight > 0 else None
+    ptok = sampler.builder.ptok
+    prefix_ids = ptok.prefix_ids()
+    vocab = model.cfg.llm.vocab_size
+    soft_slots = [s for s in DIGIT_SLOTS if s not in (5, 11)]  # the thousandths stay one-hot
+    digits = digit_ids(ptok)
+
+    def loss() -> tuple[torch.Tensor, torch.Tensor]:
+        batch = sampler.rounds_batch(cfg.batch_size, cfg.max_rounds)
+        fw = forward_rounds(model, batch, prefix_ids)
+        rows = answer_rows(batch)  # [R, 14]
+        logp = fw.logits.gather(1, rows.unsqueeze(-1).expand(-1, -1, vocab)).log_softmax(-1)  # [R, 14, V]
+        labels = batch.ids.gather(1, rows + 1)
+        hard = -logp.gather(-1, labels.unsqueeze(-1)).squeeze(-1)  # [R, 14]
+        ce = hard.mean()
+        if cfg.ordinal_weight > 0:
+            soft = ordinal_targets(labels[:, soft_slots], digits, vocab, cfg.ordinal_weight)
+            hard = hard.clone()
+            hard[:, soft_slots] = -(soft * logp[:, soft_slots]).sum(-1)
+        total = hard.mean()
+        if kept is not None:
+            keys = fw.cache.layers[cfg.pointer_layer].keys
+            attn = head_attention(kept, keys, rows, fw.prefix_len)
+            start = len(prefix_ids)
+            image = attn[..., start:start + batch.splat.shape[1]]  # [R, 14, patches]
+            total = total + pointer_weight * -(batch.splat.unsqueeze(1) * torch.log(image + 1e-6)).sum(-1).mean()
+        if heatmap_weight > 0:
+            heat, where = heat_terms(model, heads, fw.tokens, batch.heat)
+            total = total + heatmap_weight * (heat + 10.0 * where)
+        return total, ce.detach()
+    return loss

@@ -13,6 +13,7 @@ import json
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -29,6 +30,9 @@ except ImportError:  # optional: runtime.preprocess.warp_affine reproduces it in
     cv2 = None
 
 from .data.synthetic import ANNOTATION_FILE, SyntheticConfig, generate_dataset
+
+if TYPE_CHECKING:
+    from .shared_prefix import RoundBatch
 
 IGNORE_INDEX = -100
 
@@ -184,6 +188,22 @@ class Sampler:
             batch["pointer_rows"] = torch.tensor(index)
             batch["pointer_target"] = torch.from_numpy(np.stack(target))
         return batch
+
+    def rounds_batch(self, size: int, max_rounds: int = 17) -> "RoundBatch":
+        """`size` augmented crops with up to max_rounds labelled keypoints each, in the shared-prefix layout
+        (training.shared_prefix): every round sees the image prefix and its own question only, as at inference."""
+        from .shared_prefix import build_rounds
+        b, samples = self.builder, []
+        while len(samples) < size:
+            rec = self.data.persons[int(self.rng.integers(len(self.data)))]
+            px, pts, vis = augmented_crop(self.data.images[rec.file_name], rec, b.crop_size, self.rng, self.aug,
+                                          self.mean, self.std)
+            s = b.crop_size
+            keypoints = [k for k in self.rng.permutation(len(pts)).tolist()
+                         if vis[k] and 0 <= pts[k, 0] < s and 0 <= pts[k, 1] < s][:max_rounds]
+            if keypoints:  # LocLLM: a crop with no usable keypoint is replaced by another person
+                samples.append((px, pts, keypoints, patch_targets(pts, vis, s, b.patch)))
+        return build_rounds(samples, b)
 
     def heatmap_batch(self, size: int, patch: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The vision warm-up batch: crops [B,3,S,S]; per-keypoint soft targets over the patch grid [B,17,grid²]

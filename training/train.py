@@ -41,7 +41,8 @@ from posellm.model import PoseLLM
 from posellm.small_tokenizer import build_small_tokenizer
 from .config import PhaseConfig, TrainConfig
 from .samples import Augment, PersonSet, Sampler, SequenceBuilder, ensure_dataset
-from .losses import heatmap_loss, heatmap_probe, lm_loss
+from .losses import heatmap_loss, heatmap_probe, lm_loss, rounds_loss
+from .probes import answer_probe
 
 
 class Log:
@@ -77,10 +78,12 @@ def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> to
 def train_phase(model: torch.nn.Module, loss_fn: Callable[[], Any], phase: PhaseConfig, cfg: TrainConfig,
                 log: Callable[[str], None], name: str, resume: dict[str, Any] | None = None,
                 save: Callable[[dict[str, Any]], None] | None = None,
-                probe: Callable[[], str] | None = None) -> list[float]:
+                probe: Callable[[], str] | None = None, stop: Callable[[], bool] | None = None) -> list[float]:
     """One phase of AdamW on model's parameters that require grad; loss_fn draws a batch and returns its loss
     (or (loss, cross-entropy part), logged as `ce`). resume: {step, elapsed, opt} of an interrupted run of this
-    phase; every cfg.checkpoint_minutes, probe() (a one-line score) is logged and save({step, elapsed, opt}) called."""
+    phase; every cfg.checkpoint_minutes, probe() (a one-line score) is logged and save({step, elapsed, opt}) called;
+    the phase ends early when stop() (asked after each probe) says so. Each step line carries the 1-minute load
+    average and the steps/minute since the last line, so a slow stretch explains itself."""
     model.train()
     opt = make_optimizer(model, phase.lr, cfg.weight_decay)
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -94,7 +97,7 @@ def train_phase(model: torch.nn.Module, loss_fn: Callable[[], Any], phase: Phase
         step, done_before = int(resume["step"]), float(resume["elapsed"])
         log(f"{name}: resumed at step {step}, {done_before / 60:.2f} min done")
     start = time.perf_counter() - done_before
-    last_save = time.perf_counter()
+    last_save = last_line = time.perf_counter()
     while step < phase.steps:
         if (save or probe) and time.perf_counter() - last_save >= 60 * cfg.checkpoint_minutes:
             if probe is not None:
@@ -104,6 +107,9 @@ def train_phase(model: torch.nn.Module, loss_fn: Callable[[], Any], phase: Phase
             if save is not None:
                 save({"step": step, "elapsed": time.perf_counter() - start, "opt": opt.state_dict()})
             last_save = time.perf_counter()
+            if stop is not None and stop():
+                log(f"{name}: stop criterion met at step {step}")
+                break
         elapsed = time.perf_counter() - start
         progress = max(step / phase.steps, elapsed / (60 * phase.minutes) if phase.minutes > 0 else 0.0)
         if progress >= 1.0:
@@ -126,8 +132,11 @@ def train_phase(model: torch.nn.Module, loss_fn: Callable[[], Any], phase: Phase
         if (step % cfg.log_every == 0 or step == phase.steps) and losses:
             recent, ce = losses[-cfg.log_every:], ces[-cfg.log_every:]
             ce_text = f"  ce {sum(ce) / len(ce):.4f}" if ce else ""
+            now = time.perf_counter()
+            rate = len(recent) / max(now - last_line, 1e-9) * 60
+            last_line = now
             log(f"{name} step {step:5d}  loss {sum(recent) / len(recent):.4f}{ce_text}  lr {lr:.2e}  "
-                f"{time.perf_counter() - start:7.1f}s")
+                f"{now - start:7.1f}s  {rate:5.1f} steps/min  load {os.getloadavg()[0]:.2f}")
     log(f"{name}: done, {step} steps in {(time.perf_counter() - start) / 60:.2f} min")
     if probe is not None:
         model.eval()
@@ -174,7 +183,7 @@ def evaluate(model: PoseLLM, ptok: PromptTokenizer, dataset_dir: Path) -> dict[s
 
 PHASES = ("vision", "base", "finetune")
 # Settings a resumed run may change: they do not enter the training maths (logging, checkpoint/probe cadence).
-OPERATIONAL = {"log_every": 20, "checkpoint_minutes": 5.0, "probe_images": 0, "threads": 2}
+OPERATIONAL = {"log_every": 20, "checkpoint_minutes": 5.0, "probe_images": 0, "threads": 2, "data_dir": ""}
 
 
 def _training_math(cfg: TrainConfig) -> TrainConfig:
@@ -188,12 +197,14 @@ def _save_resume(path: Path, state: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
-def run(cfg: TrainConfig, out: Path, work: Path, base_dir: Path | None = None, resume: bool = False
-        ) -> dict[str, Any]:
+def run(cfg: TrainConfig, out: Path, work: Path, base_dir: Path | None = None, resume: bool = False,
+        state_dir: Path | None = None) -> dict[str, Any]:
     torch.set_num_threads(cfg.threads)
     out.mkdir(parents=True, exist_ok=True)
     work.mkdir(parents=True, exist_ok=True)
-    resume_path = work / "resume.pt"
+    state_dir = state_dir or work
+    state_dir.mkdir(parents=True, exist_ok=True)
+    resume_path = state_dir / "resume.pt"
     state = torch.load(resume_path, weights_only=False) if resume and resume_path.is_file() else None
     if state is None:
         (out / "train_log.txt").unlink(missing_ok=True)
@@ -244,8 +255,12 @@ def run(cfg: TrainConfig, out: Path, work: Path, base_dir: Path | None = None, r
             torch.set_rng_state(st["torch_rng"])
         return st
 
+    shared = cfg.round_layout == "shared_prefix"
+    objective = rounds_loss if shared else lm_loss
     probe = None
     if probe_dir is not None:
+        # fixed, un-augmented probe crops (never the val seed)
+        probe_crops = Sampler(PersonSet(probe_dir), builder, None, CLIP_MEAN, CLIP_STD, cfg.probe_seed)
         def probe() -> str:
             return json.dumps({k: v for k, v in evaluate(model, ptok, probe_dir).items() if k in ("AP", "AP50", "AR")})
 
@@ -265,35 +280,49 @@ def run(cfg: TrainConfig, out: Path, work: Path, base_dir: Path | None = None, r
             t = time.perf_counter()
             sampler = Sampler(data, builder, aug, CLIP_MEAN, CLIP_STD, cfg.seed + 2)
             st = restore("vision", sampler)
-            vprobe = None
+            vprobe = stop = None
             if probe_dir is not None:
-                probe_set = Sampler(PersonSet(probe_dir), builder, None, CLIP_MEAN, CLIP_STD, cfg.probe_seed)
-                vprobe = heatmap_probe(model, heads, probe_set.heatmap_batch(64, cfg.patch_size))
+                vprobe = heatmap_probe(model, heads, probe_crops.heatmap_batch(64, cfg.patch_size))
+                if cfg.vision_stop_px > 0:
+                    def stop() -> bool:
+                        return getattr(vprobe, "last_px", float("inf")) <= cfg.vision_stop_px
             both = torch.nn.ModuleList([model.vision_model, heads])
             train_phase(both, heatmap_loss(model, heads, sampler, cfg.vision_batch_size), cfg.vision, cfg, log,
-                        "vision", st, saver("vision", model, heads, sampler), vprobe)
+                        "vision", st, saver("vision", model, heads, sampler), vprobe, stop)
             summary["vision_minutes"] = round(summary.get("vision_minutes", 0) + (time.perf_counter() - t) / 60, 2)
             saver("base", model, heads, sampler)(None)
             state = None
         t = time.perf_counter()
         sampler = Sampler(data, builder, aug, CLIP_MEAN, CLIP_STD, cfg.seed)
         st = restore("base", sampler)
-        train_phase(model, lm_loss(model, sampler, cfg, cfg.pointer_weight, heads, cfg.heatmap_weight), cfg.base,
-                    cfg, log, "base", st, saver("base", model, heads, sampler), probe)
+        base_probe = probe
+        if probe_dir is not None and shared:
+            ask = answer_probe(model, probe_crops.rounds_batch(8, 17), ptok.prefix_ids(), cfg.pointer_layer)
+            pixels = heatmap_probe(model, heads, probe_crops.heatmap_batch(64, cfg.patch_size))
+
+            def base_probe() -> str:
+                return f"{probe()}; {ask()}; vit {pixels()}"
+        train_phase(model, objective(model, sampler, cfg, cfg.pointer_weight, heads, cfg.heatmap_weight), cfg.base,
+                    cfg, log, "base", st, saver("base", model, heads, sampler), base_probe)
         summary["base_minutes"] = round(summary.get("base_minutes", 0) + (time.perf_counter() - t) / 60, 2)
         base_dir = save_native(model, work / "base", tok_dir, overwrite=True)
         saver("finetune", model, None, sampler)(None)
         state = None
-    elif base_dir is None:  # resuming inside the fine-tune: its base is in work/base
-        base_dir = work / "base"
-    log(f"fine-tune from the base checkpoint {base_dir}")
-    model = enable_lora(load_checkpoint(base_dir), cfg)
+    if base_dir is not None:
+        log(f"fine-tune from the base checkpoint {base_dir}")
+        model = enable_lora(load_checkpoint(base_dir), cfg)
+    else:  # resuming inside the fine-tune: the state holds the base (at the boundary) or every weight
+        base = PoseLLM(mcfg, attn_implementation="sdpa")
+        if state is not None and state["step"] is None:
+            base.load_state_dict(state["model"])
+        log("fine-tune from the resume state's weights")
+        model = enable_lora(base, cfg)
     t = time.perf_counter()
     sampler = Sampler(data, builder, aug, CLIP_MEAN, CLIP_STD, cfg.seed + 1)
     st = restore("finetune", sampler)
     if st is not None:
         model.load_state_dict(st["model"])
-    train_phase(model, lm_loss(model, sampler, cfg), cfg.finetune, cfg, log, "finetune", st,
+    train_phase(model, objective(model, sampler, cfg), cfg.finetune, cfg, log, "finetune", st,
                 saver("finetune", model, None, sampler), probe)
     summary["finetune_minutes"] = round(summary.get("finetune_minutes", 0) + (time.perf_counter() - t) / 60, 2)
     model.eval()
@@ -324,10 +353,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", required=True, help="output model directory")
     ap.add_argument("--work", default="/tmp/posellm-train", help="scratch directory (base checkpoint)")
     ap.add_argument("--base", default=None, help="start the fine-tune from this base checkpoint (skip phase a)")
-    ap.add_argument("--resume", action="store_true", help="continue from WORKDIR/resume.pt if there is one")
+    ap.add_argument("--resume", action="store_true", help="continue from STATE/resume.pt if there is one")
+    ap.add_argument("--state", default=None, help="where resume.pt lives (default WORKDIR); a directory in the "
+                    "repository (e.g. models/posellm-small/train_state) lets the next machine continue the run")
     args = ap.parse_args(argv)
     run(TrainConfig.load(args.config), Path(args.out), Path(args.work), Path(args.base) if args.base else None,
-        args.resume)
+        args.resume, Path(args.state) if args.state else None)
     return 0
 
 
