@@ -1,4 +1,4 @@
-"""Issue [F]: full-size check in one process (the device-machine call is in benchmarks/gpu_fullsize.sh).
+"""Full-size GPU check in one process (benchmarks/gpu_fullsize.sh runs it on any CUDA host).
 
 A random checkpoint of a preset at full width (optionally fewer LLM layers) → native checkpoint → bundle through
 `export_bundle` → on the same crops: (a) the PyTorch reference with LocLLM semantics (17 full prompts, HF generate,

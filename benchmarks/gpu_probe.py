@@ -46,6 +46,6 @@ def probe_cuda_ep(ort: Any, providers: tuple[str, ...] = ("CUDAExecutionProvider
     session = ort.InferenceSession(model.SerializeToString(), providers=list(providers))
     session.run(None, {"x": np.ones((2, 2), np.float16)})
     if session.get_providers()[0] != providers[0]:
-        raise RuntimeError(f"{providers[0]} did not load (have {session.get_providers()}); onnxruntime-gpu on "
-                           f"PYTHONPATH and onnxruntime.preload_dlls() are needed (benchmarks/gpu_fullsize.sh)")
+        raise RuntimeError(f"{providers[0]} did not load (have {session.get_providers()}): install onnxruntime-gpu "
+                           f"instead of onnxruntime, with CUDA libraries it can load (benchmarks/gpu_fullsize.sh header)")
     return session.get_providers()
