@@ -180,12 +180,17 @@ class HessianTap(GraphRunner):
         model = onnx.load(str(path), load_external_data=False)
         acts = sorted(set(nodes.values()))
         model.graph.output.extend(helper.make_tensor_value_info(a, TensorProto.FLOAT, None) for a in acts)
-        self._tmp = tempfile.TemporaryDirectory(prefix="posellm-tap-")
-        tapped = Path(self._tmp.name) / Path(path).name
-        for f in {e.value for t in model.graph.initializer for e in t.external_data if e.key == "location"}:
-            os.symlink(Path(path).parent.resolve() / f, Path(self._tmp.name) / f)  # external data, not copied
-        onnx.save_model(model, str(tapped))
-        self.inner = OrtRunner(tapped, spec, threads=threads)
+        # Written beside the source graph (a hidden temp name), never in a temp folder: onnxruntime refuses external
+        # data outside a model's own folder, symlinked or not, and a 7B decoder's weights are external data.
+        fd, name = tempfile.mkstemp(prefix=f".{Path(path).stem}.tap-", suffix=".onnx", dir=Path(path).parent)
+        os.close(fd)
+        self._tapped = Path(name)
+        try:
+            onnx.save_model(model, name)
+            self.inner = OrtRunner(self._tapped, spec, threads=threads)
+        except BaseException:
+            self._tapped.unlink(missing_ok=True)
+            raise
         self.inner.check = False
         self.acts = acts
         self.hessians: dict[str, np.ndarray] = {}
@@ -206,4 +211,4 @@ class HessianTap(GraphRunner):
         return outs
 
     def close(self) -> None:
-        self._tmp.cleanup()
+        self._tapped.unlink(missing_ok=True)
