@@ -1,15 +1,22 @@
 """Train a small PoseLLM from scratch on synthetic people, then LoRA-fine-tune it (SPEC §5, scaled down).
 
-    python -m training.train --config CONFIG.json --out DIR [--work WORKDIR] [--base BASE_CKPT] [--resume]
+    python -m training.train --config CONFIG.json --out DIR [--work WORKDIR] [--state STATEDIR] [--resume [--recap]]
+                             [--base BASE_CKPT]
 
-Phase `base`: all parameters, LoRA disabled. Phase `finetune`: LoRA (B = 0 at start) on the ViT q/v thirds and the
-LLM q_proj/v_proj, trained together with the full connector; everything else frozen. Answer-only cross-entropy on
-multi-round conversations (train_data). AdamW, cosine schedule with warm-up; a phase ends after `steps` or
-`minutes` (the schedule runs on whichever fraction is larger, so a time cap still ends on a decayed lr).
+Phase `vision` (optional): the ViT alone on a dense keypoint objective, a stand-in for DINOv2 pretraining; it ends
+on its cap or, with `vision_stop_px`, at the first probe whose pixel error is that low. Phase `base`: all
+parameters, LoRA disabled. Phase `finetune`: LoRA (B = 0 at start) on the ViT q/v thirds and the LLM q_proj/v_proj,
+trained together with the full connector; everything else frozen. Answer-only cross-entropy, either on multi-round
+conversations (`round_layout: conversation`, samples.SequenceBuilder) or with every labelled keypoint of a crop
+asked over one shared image prefix (`shared_prefix`, training.shared_prefix: what inference computes). AdamW,
+cosine schedule with warm-up; a phase ends after `steps` or `minutes` (the schedule runs on whichever fraction is
+larger, so a time cap still ends on a decayed lr).
 DIR receives the final native checkpoint (LoRA unmerged) + tokenizer.json, train_config.json and train_log.txt;
-WORKDIR (default /tmp/posellm-train) keeps the base checkpoint and `resume.pt` (model, optimizer, sampler state,
-phase and step; written every `checkpoint_minutes` and at each phase boundary): `--resume` continues from it, so
-several shorter runs add up to one (a phase's time cap counts the minutes of every run).
+WORKDIR (default /tmp/posellm-train) keeps the base checkpoint; STATEDIR (default WORKDIR) keeps `resume.pt` (model,
+optimizer, sampler and torch RNG, phase, step and the phase clock; written every `checkpoint_minutes` and at each
+phase boundary). `--resume` continues from it, so several shorter runs, on other machines too when STATEDIR is in
+the repository, add up to one (a phase's time cap counts the minutes of every run); `--recap` accepts changed phase
+caps (extend a run over another stint, or end a copy of it early to ship a snapshot).
 """
 from __future__ import annotations
 
@@ -186,8 +193,13 @@ PHASES = ("vision", "base", "finetune")
 OPERATIONAL = {"log_every": 20, "checkpoint_minutes": 5.0, "probe_images": 0, "threads": 2, "data_dir": ""}
 
 
-def _training_math(cfg: TrainConfig) -> TrainConfig:
-    return dataclasses.replace(cfg, **OPERATIONAL)
+def _training_math(cfg: TrainConfig, recap: bool = False) -> TrainConfig:
+    """The settings a resumed run must share with its state; recap=True also leaves out the phases' caps."""
+    cfg = dataclasses.replace(cfg, **OPERATIONAL)
+    if recap:
+        uncapped = {name: dataclasses.replace(getattr(cfg, name), steps=0, minutes=0.0) for name in PHASES}
+        cfg = dataclasses.replace(cfg, **uncapped)
+    return cfg
 
 
 def _save_resume(path: Path, state: dict[str, Any]) -> None:
@@ -198,7 +210,7 @@ def _save_resume(path: Path, state: dict[str, Any]) -> None:
 
 
 def run(cfg: TrainConfig, out: Path, work: Path, base_dir: Path | None = None, resume: bool = False,
-        state_dir: Path | None = None) -> dict[str, Any]:
+        state_dir: Path | None = None, recap: bool = False) -> dict[str, Any]:
     torch.set_num_threads(cfg.threads)
     out.mkdir(parents=True, exist_ok=True)
     work.mkdir(parents=True, exist_ok=True)
@@ -210,9 +222,16 @@ def run(cfg: TrainConfig, out: Path, work: Path, base_dir: Path | None = None, r
         (out / "train_log.txt").unlink(missing_ok=True)
     log = Log(out / "train_log.txt")
     if state is not None:
-        if _training_math(TrainConfig.from_dict(state["config"])) != _training_math(cfg):
-            raise ValueError(f"{resume_path} was written with another train config; start without --resume")
+        before = TrainConfig.from_dict(state["config"])
+        if _training_math(before, recap) != _training_math(cfg, recap):
+            raise ValueError(f"{resume_path} was written with another train config; start without --resume"
+                             + ("" if recap else " (or pass --recap if only phase caps changed)"))
         log(f"resume from {resume_path}: phase {state['phase']}, step {state['step']}")
+        for name in PHASES:
+            old, new = getattr(before, name), getattr(cfg, name)
+            if (old.steps, old.minutes) != (new.steps, new.minutes):  # --recap: the schedule follows the new cap
+                log(f"{name}: cap changed from {old.steps} steps / {old.minutes} min to {new.steps} steps / "
+                    f"{new.minutes} min (--recap); its lr schedule continues at the new cap's progress")
     elif resume:
         log(f"no {resume_path}: starting from scratch")
     (out / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
@@ -354,11 +373,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--work", default="/tmp/posellm-train", help="scratch directory (base checkpoint)")
     ap.add_argument("--base", default=None, help="start the fine-tune from this base checkpoint (skip phase a)")
     ap.add_argument("--resume", action="store_true", help="continue from STATE/resume.pt if there is one")
+    ap.add_argument("--recap", action="store_true", help="with --resume: accept changed phase caps (steps, "
+                    "minutes), e.g. to extend a run over another stint, or to end a copy of it early")
     ap.add_argument("--state", default=None, help="where resume.pt lives (default WORKDIR); a directory in the "
                     "repository (e.g. models/posellm-small/train_state) lets the next machine continue the run")
     args = ap.parse_args(argv)
     run(TrainConfig.load(args.config), Path(args.out), Path(args.work), Path(args.base) if args.base else None,
-        args.resume, Path(args.state) if args.state else None)
+        args.resume, Path(args.state) if args.state else None, args.recap)
     return 0
 
 
