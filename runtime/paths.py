@@ -6,22 +6,35 @@ from __future__ import annotations
 
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
-from .errors import BundleError
+from .errors import BundleError, InputError
 
 
 class UnsafePathError(BundleError, ValueError):
     """A file names a path outside its own directory."""
 
 
-def inside(root: str | Path, name: str, what: str) -> Path:
-    """`root / name`, provided `name` is relative, has no `..` part and resolves (symlinks followed) under root."""
+def relative_name(name: str, what: str, root: str | Path, error: type[Exception] = UnsafePathError) -> str:
+    """`name` itself, provided it is a relative path without a `..` part (checked by its text only)."""
     if not isinstance(name, str) or not name or "\0" in name:
-        raise UnsafePathError(f"{what}: path {name!r} is not a file name; expected a relative path inside {root}")
+        raise error(f"{what}: path {name!r} is not a file name; expected a relative path inside {root}")
     posix, windows = PurePosixPath(name), PureWindowsPath(name)
     if posix.is_absolute() or windows.is_absolute() or windows.drive:
-        raise UnsafePathError(f"{what}: path {name!r} is absolute; expected a path relative to {root}")
+        raise error(f"{what}: path {name!r} is absolute; expected a path relative to {root}")
     if ".." in posix.parts or ".." in windows.parts:
-        raise UnsafePathError(f"{what}: path {name!r} contains '..'; expected a path inside {root}")
+        raise error(f"{what}: path {name!r} contains '..'; expected a path inside {root}")
+    return name
+
+
+def image_file(root: str | Path, name: str, what: str) -> Path:
+    """An annotation file's image name under the images folder: sub-directories are fine (Human-Art's
+    `images/<scenario>/...`), `..` and absolute names are refused. Symlinked image folders are common in datasets,
+    so unlike `inside` the resolved target is not checked."""
+    return Path(root) / relative_name(name, what, f"the images folder {root}", InputError)
+
+
+def inside(root: str | Path, name: str, what: str) -> Path:
+    """`root / name`, provided `name` is relative, has no `..` part and resolves (symlinks followed) under root."""
+    relative_name(name, what, root)
     base = Path(root).resolve()
     target = (base / name).resolve()
     if target != base and base not in target.parents:
