@@ -1,9 +1,9 @@
 """A `POST /v1/pose` request body → a validated `PoseRequest` (image pixels, boxes, keypoint set).
 
 Two encodings carry the same fields: JSON `{"image": base64, "boxes": [[x, y, w, h], ...], "keypoints": [...]}` and
-multipart (file field `image`, form fields `boxes` and optional `keypoints` as JSON text, or a set name such as
-`mpii`). Every problem raises
-`InputError` naming the offending value and what was expected; the app turns it into one 4xx message.
+multipart (file field `image`, form fields `boxes` and optional `keypoints` as JSON text); `keypoints` may also be a
+set name (`mpii`). Every problem raises `InputError` naming the offending value and what was expected; the app turns
+it into one 4xx message.
 Ray-free and FastAPI-free, so it is tested without a server.
 """
 from __future__ import annotations
