@@ -103,3 +103,13 @@ def test_scorer_equals_the_joint_by_joint_rescoring_on_noisy_predictions(mpii_se
     assert 0 < table["Mean@0.1"] < table["Mean"] <= 100
     for col, value in again.items():
         assert abs(table[col] - value) < TOL, (col, table[col], value)
+
+
+def test_max_images_keeps_the_first_images_persons_and_their_mat_columns(mpii_set):
+    from benchmarks.mpii_eval import MpiiBenchmark
+    annot = mpii_set / "annot"
+    full = MpiiBenchmark.load(annot / "valid.json", annot / "gt_valid.mat")
+    one = MpiiBenchmark.load(annot / "valid.json", annot / "gt_valid.mat", max_images=1)
+    first = [p for p in full.persons if p.file_name == full.persons[0].file_name]
+    assert [p.ins_id for p in one.persons] == list(range(len(first))) and one.gt.count == len(first)
+    np.testing.assert_array_equal(one.gt.pos_gt, full.gt.pos_gt[:, :, [p.ins_id for p in first]])
