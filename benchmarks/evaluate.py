@@ -21,7 +21,6 @@ from runtime.results import write_json
 from .coco_metrics import METRICS, coco_keypoint_metrics
 
 DECODINGS = ("free", "template")
-PREDICTIONS_FILE = {"coco": "keypoints_results.json", "mpii": "pred_kpt.json"}
 
 
 @dataclass(frozen=True)
@@ -65,6 +64,7 @@ class CocoBenchmark:
     keypoints: None = None  # the bundle's 17 COCO keypoints
     primary: str = "AP"
     columns: tuple[str, ...] = METRICS
+    predictions_file: str = "keypoints_results.json"  # COCO results format
 
     def describe(self) -> str:
         return f"{len(self.groups)} images, {sum(len(v) for v in self.groups.values())} persons from {self.ann}"
@@ -137,9 +137,8 @@ def _agreement(ref: VariantRun, run: VariantRun) -> dict:
 
 def _scores(bench, run: VariantRun, predictions_dir: Path | None) -> dict:
     """The benchmark's metrics, flattened so the headline columns sit at the top level of a report row."""
-    if predictions_dir is not None:
-        kind = "mpii" if bench.primary == "Mean" else "coco"
-        write_json(Path(predictions_dir) / re.sub(r"[^\w.+-]", "_", run.name) / PREDICTIONS_FILE[kind],
+    if predictions_dir is not None:  # one folder per variant (`bundle:fp16-free` → `bundle_fp16-free`)
+        write_json(Path(predictions_dir) / re.sub(r"[^\w.+-]", "_", run.name) / bench.predictions_file,
                    run.predictions)
     metrics = bench.metrics(run.predictions)
     return {**metrics.pop("PCKh", {}), **metrics}

@@ -22,6 +22,7 @@ class MpiiBenchmark:
     keypoints: str = "mpii"  # LocLLM's MPII_KEYPOINT_NAME with its descriptions
     primary: str = "Mean"
     columns: tuple[str, ...] = COLUMNS
+    predictions_file: str = "pred_kpt.json"  # LocLLM's name and format
 
     @classmethod
     def load(cls, valid: Path, headboxes: Path, max_images: int | None = None) -> "MpiiBenchmark":
