@@ -57,7 +57,7 @@ echo "== eval: reference vs every variant (fp32, fp16, int8, int4, int8wo × fre
 
 echo "== eval MPII: PCKh (Mean, Mean@0.1, zero-shot joints) of the reference and every variant, LocLLM's pred_kpt.json"
 "$CLI" eval --checkpoint "$CKPT" --bundle "$OUT/bundle" --mpii "$OUT/mpii/annot/valid.json" \
-  --headboxes "$OUT/mpii/annot/gt_valid.mat" --images "$OUT/mpii/images" --decoding template \
+  --headboxes "$OUT/mpii/annot/gt_valid.mat" --images "$OUT/mpii/images" \
   --out "$OUT/eval_mpii.json" --predictions "$OUT/mpii_pred"
 
 echo "== bench: latency / throughput / memory, reference baseline in the same run"
