@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
-from .errors import BundleError, InputError
+from .errors import BundleError
 
 
 class UnsafePathError(BundleError, ValueError):
@@ -14,7 +14,8 @@ class UnsafePathError(BundleError, ValueError):
 
 
 def relative_name(name: str, what: str, root: str | Path, error: type[Exception] = UnsafePathError) -> str:
-    """`name` itself, provided it is a relative path without a `..` part (checked by its text only)."""
+    """`name` itself, provided it is a relative path without a `..` part (checked by its text only: annotation files
+    use it for image names, whose folders are often symlinks into a dataset store)."""
     if not isinstance(name, str) or not name or "\0" in name:
         raise error(f"{what}: path {name!r} is not a file name; expected a relative path inside {root}")
     posix, windows = PurePosixPath(name), PureWindowsPath(name)
@@ -23,13 +24,6 @@ def relative_name(name: str, what: str, root: str | Path, error: type[Exception]
     if ".." in posix.parts or ".." in windows.parts:
         raise error(f"{what}: path {name!r} contains '..'; expected a path inside {root}")
     return name
-
-
-def image_file(root: str | Path, name: str, what: str) -> Path:
-    """An annotation file's image name under the images folder: sub-directories are fine (Human-Art's
-    `images/<scenario>/...`), `..` and absolute names are refused. Symlinked image folders are common in datasets,
-    so unlike `inside` the resolved target is not checked."""
-    return Path(root) / relative_name(name, what, f"the images folder {root}", InputError)
 
 
 def inside(root: str | Path, name: str, what: str) -> Path:
