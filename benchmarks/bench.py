@@ -22,6 +22,7 @@ from runtime.memory import peak_rss_bytes, reset_peak_rss
 from runtime.preprocess import load_image
 from runtime.results import write_json
 
+from .accuracy_summary import accuracy_by_variant, plot_accuracy, read_reports
 from .evaluate import variant_name
 
 STAGES = ("preprocess", "vision", "prefix_prefill", "suffix_prefill", "decode")
@@ -41,7 +42,7 @@ class BenchConfig:
     batch_sizes: tuple[int, ...] = (1, 4, 8)
     reference_persons: int = 6
     interleave: bool = False  # time the variants in turn on each person: on a shared machine all see the same load
-    eval_report: Path | None = None
+    eval_reports: tuple[Path, ...] = ()  # eval REPORT.json files (COCO AP and/or MPII PCKh) joined by variant name
     out: Path | None = None
     plot: Path | None = None
 
@@ -151,10 +152,10 @@ def benchmark(cfg: BenchConfig, log=print) -> dict:
     for r in results:
         if ref is not None:
             r["speedup_vs_reference"] = round(ref["ms_per_person"]["p50"] / r["ms_per_person"]["p50"], 2)
-    _attach_accuracy(results, cfg.eval_report)
+    accuracy_columns = _attach_accuracy(results, cfg.eval_reports)
     report = {"environment": environment(), "config": {k: str(v) for k, v in cfg.__dict__.items()},
               "results": results}
-    report["markdown"] = markdown_table(results)
+    report["markdown"] = markdown_table(results, accuracy_columns)
     if cfg.out:
         write_json(cfg.out, report)
     if cfg.plot:
@@ -184,17 +185,17 @@ def _bundle_bytes(bundle: Path, variant) -> int:
     return sum((bundle / f).stat().st_size for f in files)
 
 
-def _attach_accuracy(results: list[dict], eval_report: Path | None) -> None:
-    if eval_report is None:
-        return
-    import json
-    rep = json.loads(Path(eval_report).read_text())
-    by_name = {v["name"]: v for v in rep["variants"]}
-    by_name["reference"] = rep["reference"]
+def _attach_accuracy(results: list[dict], eval_reports: tuple[Path, ...]) -> list[str]:
+    """AP / ΔAP (COCO-format reports) and PCKh / ΔPCKh (MPII reports) onto the rows of the same variant name."""
+    if not eval_reports:
+        return []
+    columns, by_name = accuracy_by_variant(read_reports(eval_reports))
     for r in results:
-        if r["name"] in by_name:
-            r["AP"] = by_name[r["name"]]["AP"]
-            r["delta_AP"] = round(r["AP"] - rep["reference"]["AP"], 3)
+        for col, value in by_name.get(r["name"], {}).items():
+            r[col] = value
+        if "ΔAP" in r:  # the field name earlier bench reports used
+            r["delta_AP"] = r.pop("ΔAP")
+    return ["delta_AP" if c == "ΔAP" else c for c in columns]
 
 
 def _graphs(variant, backend: str) -> dict[str, str]:
@@ -215,41 +216,29 @@ NOTES = {  # what the quantized variants run, per backend family
 }
 
 
-def markdown_table(results: list[dict]) -> str:
+def markdown_table(results: list[dict], accuracy_columns: list[str] | None = None) -> str:
+    """Latency columns, then the accuracy of each eval report given (AP | ΔAP | PCKh | ΔPCKh | ...)."""
+    acc = accuracy_columns or ["AP", "delta_AP"]
+    titles = ["ΔAP" if c == "delta_AP" else c for c in acc]
     lines = ["| variant | backend | ms/person p50 | p90 | p99 | decode ms p50 | speed-up | persons/s (max batch) "
-             "| peak RSS MB | AP | ΔAP |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| peak RSS MB | " + " | ".join(titles) + " |", "|---|" * 9 + "---|" * len(acc)]
     for r in results:
         ms = r["ms_per_person"]
         pps = max(r["persons_per_s"].values())
         decode = r.get("stages_ms", {}).get("decode", {}).get("p50")
         lines.append(f"| {r['name']} | {r['backend']} | {ms['p50']:.1f} | {ms['p90']:.1f} | {ms['p99']:.1f} | "
                      f"{'' if decode is None else f'{decode:.1f}'} | {r.get('speedup_vs_reference', '')}× | "
-                     f"{pps:.2f} | {r['peak_rss_mb']:.0f} | {r.get('AP', '')} | {r.get('delta_AP', '')} |")
+                     f"{pps:.2f} | {r['peak_rss_mb']:.0f} | "
+                     + " | ".join(_cell(r.get(c)) for c in acc) + " |")
     quantized = {r["backend"] for r in results if r.get("precision") in ("int8", "int8wo", "int4")}
     notes = sorted({NOTES["tensorrt" if b in TENSORRT_BACKENDS else "onnxruntime"] for b in quantized})
     return "\n".join(lines + ([""] + [f"Note: {n}" for n in notes] if notes else []))
 
 
 def plot(results: list[dict], out: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import matplotlib.ticker
-    pts = [r for r in results if "AP" in r]
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for r in pts or results:
-        ax.scatter(r["ms_per_person"]["p50"], r.get("AP", 0.0), s=45, label=r["name"],
-                   marker="s" if r["name"] == "reference" else "o")
-    ax.set_xscale("log")
-    ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
-    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-    ax.legend(fontsize=8, loc="best")
-    ax.set_xlabel("ms / person (p50, log scale)")
-    ax.set_ylabel("COCO keypoint AP" if pts else "AP (no eval report given)")
-    ax.set_title("posellm-edge: accuracy vs speed")
-    ax.grid(True, which="both", alpha=0.3)
-    fig.tight_layout()
-    tmp = Path(out).with_name(Path(out).stem + ".tmp.png")
-    fig.savefig(tmp, dpi=120)
-    os.replace(tmp, out)
-    plt.close(fig)
+    """Accuracy vs ms/person: one panel per benchmark given (COCO AP, MPII PCKh)."""
+    plot_accuracy(results, out, x_key=lambda r: r["ms_per_person"]["p50"])
+
+
+def _cell(v) -> str:
+    return "" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)

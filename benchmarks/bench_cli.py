@@ -21,7 +21,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--persons", type=int, default=12, help="timed persons per variant")
     p.add_argument("--reference-persons", type=int, default=6, help="timed persons for the (slow) reference")
     p.add_argument("--batch-sizes", default="1,4,8", help="persons per call for the throughput figures")
-    p.add_argument("--eval", type=Path, help="an eval REPORT.json: adds AP to the table and the plot")
+    p.add_argument("--eval", type=Path, action="append", default=[],
+                   help="an eval REPORT.json (repeatable: COCO AP and MPII PCKh side by side in the table and plot)")
     p.add_argument("--out", type=Path)
     p.add_argument("--plot", type=Path)
     p.add_argument("--interleave", action="store_true",
@@ -43,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
             backend=args.backend, precisions=tuple(args.precision) if args.precision else None,
             decodings=tuple(args.decoding) if args.decoding else ("template", "free"), persons=args.persons,
             reference_persons=args.reference_persons,
-            batch_sizes=tuple(int(b) for b in args.batch_sizes.split(",")), eval_report=args.eval,
+            batch_sizes=tuple(int(b) for b in args.batch_sizes.split(",")), eval_reports=tuple(args.eval),
             out=args.out, plot=args.plot, interleave=args.interleave))
     print(report["markdown"])
     return 0

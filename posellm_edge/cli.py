@@ -17,7 +17,7 @@ COMMANDS = {
     "quantize": ("calibration.quantize_cli", "weight-only INT4/INT8 decoder (GPTQ or RTN): add int4 / int8wo"),
     "build": ("exporter.trt_cli", "build TensorRT engines from a bundle's ONNX graphs"),
     "run": ("runtime.cli", "estimate keypoints on an image or a COCO file with a bundle"),
-    "eval": ("benchmarks.eval_cli", "COCO AP of the PyTorch reference and every bundle variant"),
+    "eval": ("benchmarks.eval_cli", "COCO AP or MPII PCKh of the PyTorch reference and every bundle variant"),
     "bench": ("benchmarks.bench_cli", "latency / throughput / memory benchmark with the reference baseline"),
     "serve": ("serve.cli", "HTTP pose service on Ray Serve, persons batched across requests"),
     "loadtest": ("serve.loadtest", "closed-loop HTTP load on a running service: latency percentiles, persons/s"),

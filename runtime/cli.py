@@ -11,6 +11,7 @@ from .coco import read_coco_persons
 from .draw import draw_results
 from .errors import InputError
 from .estimator import DECODINGS, Estimator, EstimatorConfig
+from .keypoint_sets import SET_NAMES
 from .preprocess import load_image
 from .prompts import parse_keypoint_spec
 from .results import write_json
@@ -32,6 +33,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--box", action="append", default=[], metavar="X,Y,W,H", help="person box (repeatable)")
     p.add_argument("--keypoint", action="append", default=[], metavar="'NAME: DESCRIPTION'",
                    help="custom keypoint (repeatable); default: the 17 COCO keypoints")
+    p.add_argument("--keypoint-set", choices=SET_NAMES, default=None,
+                   help="a named LocLLM keypoint set instead: coco (17), mpii (16), h36m (17)")
     p.add_argument("--decoding", choices=DECODINGS, default="template")
     p.add_argument("--backend", choices=BACKENDS, default="onnxruntime")
     p.add_argument("--precision", default="fp32", help="bundle variant: fp32, fp16 or int8")
@@ -54,7 +57,9 @@ def run(args: argparse.Namespace) -> int:
     if args.image is None or not args.box:
         raise InputError("give --image IMG and at least one --box x,y,w,h (or --coco ANN --images DIR --out F)")
     boxes = [parse_box(b) for b in args.box]
-    keypoints = [parse_keypoint_spec(k) for k in args.keypoint] or None
+    if args.keypoint and args.keypoint_set:
+        raise InputError(f"--keypoint and --keypoint-set {args.keypoint_set} both given; expected one of them")
+    keypoints = [parse_keypoint_spec(k) for k in args.keypoint] or args.keypoint_set
     image = load_image(args.image)
     estimator = Estimator(args.bundle, cfg)
     results = estimator.estimate(image, boxes, keypoints)

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from .errors import InputError
+from .paths import relative_name
 from .preprocess import Box, box_to_center_scale, sanitize_box
 
 __all__ = ["NUM_KEYPOINTS", "PersonRecord", "read_coco_persons"]
@@ -70,7 +71,9 @@ def read_coco_persons(ann_path: str | os.PathLike) -> list[PersonRecord]:
     for image_id, img in images.items():
         width = int(_get(img, "width", name, f"image {image_id}"))
         height = int(_get(img, "height", name, f"image {image_id}"))
-        file_name = str(_get(img, "file_name", name, f"image {image_id}"))
+        # sub-directories are fine (Human-Art: images/<scenario>/...); `..` or an absolute name is refused
+        file_name = relative_name(str(_get(img, "file_name", name, f"image {image_id}")),
+                                  f"{name}: image {image_id} file_name", "the images folder", InputError)
         for ann in anns_by_image.get(image_id, []):
             record = _person_record(ann, image_id, file_name, width, height, name)
             if record is not None:

@@ -22,10 +22,13 @@ from .manifest import MANIFEST_NAME, Manifest, load_manifest, sha256_file
 from .profiles import engine_profiles
 from .coco import PersonRecord
 from .preprocess import CropSpec, crop_at_center_scale, crop_persons, ensure_rgb
+from .keypoint_sets import resolve_keypoints
 from .prompts import PromptTokenizer
 from .results import PersonResult, person_result
 
 DECODINGS = ("template", "free")
+# None: the bundle's 17; a set name (runtime.keypoint_sets); or (name, description) pairs
+Keypoints = str | Sequence[tuple[str, str]] | None
 
 
 @dataclass(frozen=True)
@@ -92,12 +95,14 @@ class Estimator:
         return {g: TrtEpSettings(profiles[g], self.config.precision, root / g) for g in profiles}
 
     # -- prompts -------------------------------------------------------------------------------------------------
-    def queries(self, keypoints: Sequence[tuple[str, str]] | None) -> tuple[list[str], list[list[int]]]:
-        """Names and suffix ids: the bundle's pre-tokenized 17, or custom (name, description) pairs."""
-        if keypoints is None:
-            kps = self.manifest.prompts.keypoints
+    def queries(self, keypoints: Keypoints) -> tuple[list[str], list[list[int]]]:
+        """Names and suffix ids: the bundle's pre-tokenized 17, a named set (`coco`, `mpii`, `h36m`) or custom
+        (name, description) pairs."""
+        kps = self.manifest.prompts.keypoints
+        pairs = resolve_keypoints(keypoints)
+        if pairs is None or pairs == [(k.name, k.description) for k in kps]:
             return [k.name for k in kps], [list(k.suffix_ids) for k in kps]
-        key = tuple((str(n), str(d)) for n, d in keypoints)
+        key = tuple(pairs)
         if not key:
             raise InputError("keypoints is empty; pass None for the 17 COCO keypoints or (name, description) pairs")
         with self._lock:
@@ -106,7 +111,7 @@ class Estimator:
             return [n for n, _ in key], self._custom[key]
 
     # -- inference -----------------------------------------------------------------------------------------------
-    def estimate(self, image, boxes: Sequence[Sequence[float]], keypoints: Sequence[tuple[str, str]] | None = None,
+    def estimate(self, image, boxes: Sequence[Sequence[float]], keypoints: Keypoints = None,
                  watch: Stopwatch | None = None) -> list[PersonResult]:
         """Keypoints of every person box ([x, y, w, h] in image pixels, sanitised as LocLLM does) of one image."""
         watch = watch or Stopwatch()
@@ -115,7 +120,7 @@ class Estimator:
         return self._estimate(pixel_values, [(c.center, c.scale) for c in crops], boxes, keypoints, watch)
 
     def estimate_records(self, image, records: Sequence[PersonRecord],
-                         keypoints: Sequence[tuple[str, str]] | None = None,
+                         keypoints: Keypoints = None,
                          watch: Stopwatch | None = None) -> list[PersonResult]:
         """COCO GT persons: crop from each record's centre/scale (its box is already sanitised — not twice)."""
         watch = watch or Stopwatch()
@@ -127,7 +132,7 @@ class Estimator:
                               keypoints, watch)
 
     def estimate_crops(self, pixel_values: np.ndarray, affines: list, boxes: Sequence[Sequence[float]],
-                       keypoints: Sequence[tuple[str, str]] | None = None, watch: Stopwatch | None = None
+                       keypoints: Keypoints = None, watch: Stopwatch | None = None
                        ) -> list[PersonResult]:
         """Persons already cropped (possibly from several images, as a server batches them): [N, 3, S, S]
         pixel values, (center, scale) per person for the back-projection, and the boxes to report."""

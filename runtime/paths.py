@@ -13,15 +13,22 @@ class UnsafePathError(BundleError, ValueError):
     """A file names a path outside its own directory."""
 
 
-def inside(root: str | Path, name: str, what: str) -> Path:
-    """`root / name`, provided `name` is relative, has no `..` part and resolves (symlinks followed) under root."""
+def relative_name(name: str, what: str, root: str | Path, error: type[Exception] = UnsafePathError) -> str:
+    """`name` itself, provided it is a relative path without a `..` part (checked by its text only: annotation files
+    use it for image names, whose folders are often symlinks into a dataset store)."""
     if not isinstance(name, str) or not name or "\0" in name:
-        raise UnsafePathError(f"{what}: path {name!r} is not a file name; expected a relative path inside {root}")
+        raise error(f"{what}: path {name!r} is not a file name; expected a relative path inside {root}")
     posix, windows = PurePosixPath(name), PureWindowsPath(name)
     if posix.is_absolute() or windows.is_absolute() or windows.drive:
-        raise UnsafePathError(f"{what}: path {name!r} is absolute; expected a path relative to {root}")
+        raise error(f"{what}: path {name!r} is absolute; expected a path relative to {root}")
     if ".." in posix.parts or ".." in windows.parts:
-        raise UnsafePathError(f"{what}: path {name!r} contains '..'; expected a path inside {root}")
+        raise error(f"{what}: path {name!r} contains '..'; expected a path inside {root}")
+    return name
+
+
+def inside(root: str | Path, name: str, what: str) -> Path:
+    """`root / name`, provided `name` is relative, has no `..` part and resolves (symlinks followed) under root."""
+    relative_name(name, what, root)
     base = Path(root).resolve()
     target = (base / name).resolve()
     if target != base and base not in target.parents:

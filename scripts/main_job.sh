@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The main job on the shipped small model: export → calibrate int8 → quantize int4/int8wo → run (with a drawing)
-# → eval → bench.
+# → eval (COCO AP, then MPII PCKh with the zero-shot MPII keypoint set) → bench (both side by side).
 # Creates .venv on first use; everything lands in $OUT (default: out/).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -13,6 +13,9 @@ if [ ! -x "$VENV/bin/posellm-edge" ]; then
   "$VENV/bin/python" -m pip install -q -e '.[export,bench]'
 fi
 PY="$VENV/bin/python"
+if ! "$PY" -c "import scipy" 2>/dev/null; then  # a venv made before MPII support: [bench] gained scipy
+  "$PY" -m pip install -q -e '.[export,bench]'
+fi
 CLI="$VENV/bin/posellm-edge"
 mkdir -p "$OUT"
 start=$(date +%s)
@@ -22,6 +25,10 @@ echo "== held-out synthetic val set (same generator and seed as the model's val 
   --domain-of "$CKPT/train_config.json"
 ANN="$OUT/val/person_keypoints.json"
 IMAGES="$OUT/val/images"
+
+echo "== held-out synthetic MPII-format set (16 joints by name: 4 never trained on; head boxes; gt_valid.mat)"
+"$PY" -m training.data.synthetic --mpii --out "$OUT/mpii" --num-images "${MPII_IMAGES:-12}" --seed 2001 \
+  --domain-of "$CKPT/train_config.json"
 
 echo "== export (fp32 + fp16, validated against PyTorch)"
 "$CLI" export "$CKPT" "$OUT/bundle" --precision fp32,fp16 --max-persons 4 --overwrite
@@ -48,8 +55,13 @@ PY
 echo "== eval: reference vs every variant (fp32, fp16, int8, int4, int8wo × free, template)"
 "$CLI" eval --checkpoint "$CKPT" --bundle "$OUT/bundle" --coco "$ANN" --images "$IMAGES" --out "$OUT/eval.json"
 
+echo "== eval MPII: PCKh (Mean, Mean@0.1, zero-shot joints) of the reference and every variant, LocLLM's pred_kpt.json"
+"$CLI" eval --checkpoint "$CKPT" --bundle "$OUT/bundle" --mpii "$OUT/mpii/annot/valid.json" \
+  --headboxes "$OUT/mpii/annot/gt_valid.mat" --images "$OUT/mpii/images" \
+  --out "$OUT/eval_mpii.json" --predictions "$OUT/mpii_pred"
+
 echo "== bench: latency / throughput / memory, reference baseline in the same run"
 "$CLI" bench "$OUT/bundle" --checkpoint "$CKPT" --coco "$ANN" --images "$IMAGES" --eval "$OUT/eval.json" \
-  --out "$OUT/bench.json" --plot "$OUT/bench.png"
+  --eval "$OUT/eval_mpii.json" --out "$OUT/bench.json" --plot "$OUT/bench.png"
 
-echo "== done in $(( $(date +%s) - start ))s: $OUT/{sample.png,eval.md,bench.json,bench.png}"
+echo "== done in $(( $(date +%s) - start ))s: $OUT/{sample.png,eval.md,eval_mpii.md,bench.json,bench.png}"

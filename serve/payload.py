@@ -1,8 +1,9 @@
 """A `POST /v1/pose` request body → a validated `PoseRequest` (image pixels, boxes, keypoint set).
 
 Two encodings carry the same fields: JSON `{"image": base64, "boxes": [[x, y, w, h], ...], "keypoints": [...]}` and
-multipart (file field `image`, form fields `boxes` and optional `keypoints` as JSON text). Every problem raises
-`InputError` naming the offending value and what was expected; the app turns it into one 4xx message.
+multipart (file field `image`, form fields `boxes` and optional `keypoints` as JSON text); `keypoints` may also be a
+set name (`mpii`). Every problem raises `InputError` naming the offending value and what was expected; the app turns
+it into one 4xx message.
 Ray-free and FastAPI-free, so it is tested without a server.
 """
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from runtime.errors import InputError
+from runtime.keypoint_sets import SET_NAMES, keypoint_set
 from runtime.preprocess import IMAGE_DECODE_ERRORS, decode_pil, ensure_rgb, validate_box
 
 KeypointSet = tuple[tuple[str, str], ...]  # () = the bundle's 17 COCO keypoints
@@ -60,14 +62,19 @@ def parse_boxes(value: Any, width: int, height: int, max_boxes: int) -> list[lis
 
 
 def parse_keypoints(value: Any) -> KeypointSet:
-    """Absent/null → the 17 COCO keypoints; else a list of {"name": ..., "description": ...}."""
+    """Absent/null → the 17 COCO keypoints; a set name (`coco`, `mpii`, `h36m`, as a string or its JSON string);
+    else a list of {"name": ..., "description": ...}."""
     if value is None or value == "":
         return ()
+    if isinstance(value, str) and value.strip() not in SET_NAMES:
+        value = _json(value, "keypoints")  # multipart carries the list as JSON text
     if isinstance(value, str):
-        value = _json(value, "keypoints")
+        if value.strip() not in SET_NAMES:
+            raise InputError(f"keypoints={_short(value)}: unknown keypoint set; expected one of {list(SET_NAMES)}")
+        return tuple(keypoint_set(value.strip()))
     if not isinstance(value, list) or not value:
         raise InputError(f"keypoints={_short(value)}: expected a non-empty list of "
-                         '{"name": ..., "description": ...} objects (or omit it for the 17 COCO keypoints)')
+                         '{"name": ..., "description": ...} objects (a set name, or omit it for the 17 COCO keypoints)')
     out = []
     for kp in value:
         if not (isinstance(kp, dict) and isinstance(kp.get("name"), str) and isinstance(kp.get("description"), str)

@@ -39,6 +39,7 @@ KEYPOINT_PARTS = (
     (L_THIGH, L_SHIN), (R_THIGH, R_SHIN), (L_SHIN, L_FOOT), (R_SHIN, R_FOOT),
 )
 NOMINAL_HEIGHT = 7.5  # standing height in head units
+MPII_LANDMARKS = ("pelvis", "thorax", "upper_neck", "head_top")  # Figure.landmarks rows
 
 SKIN = ((255, 224, 189), (241, 194, 125), (224, 172, 105), (198, 134, 66),
         (141, 85, 36), (92, 56, 30), (255, 205, 170))
@@ -72,6 +73,8 @@ class Figure:
     keypoints: np.ndarray                       # (17, 2)
     self_hidden: np.ndarray                     # (17,) bool: behind its own head
     prims: list = field(default_factory=list)   # (kind, part, fill, geometry), back to front
+    # MPII's four joints COCO lacks, (4, 2): pelvis, thorax, upper neck, head top (see MPII_LANDMARKS)
+    landmarks: np.ndarray | None = None
 
     def extent(self) -> np.ndarray:
         """Bounding box (x0, y0, x1, y1) of everything drawn, in body units."""
@@ -218,7 +221,10 @@ def sample_figure(rng: np.random.Generator) -> Figure:
                    wrists[1], wrists[-1], hip_l, hip_r, knees[1], knees[-1], ankles[1], ankles[-1]])
     hidden = np.zeros(17, bool)
     hidden[:5] = [zn <= 0.0, zel <= 0.15, zer <= 0.15, zal < -0.15, zar < -0.15]
-    fig = Figure(kp, hidden, prims)
+    # MPII's extra joints from the same geometry (no random draw, so COCO sets stay byte-identical): pelvis between
+    # the hips, thorax at the neck base, upper neck at the chin, head top at the crown of the hair
+    landmarks = np.stack([(hip_l + hip_r) / 2, neck_base, chin, hc + uh * 0.58])
+    fig = Figure(kp, hidden, prims, landmarks)
 
     g = rng.normal(0, 0.06) if rng.random() < 0.9 else rng.uniform(-0.9, 0.9)
     if g:
@@ -241,7 +247,8 @@ def transform(fig: Figure, mat: np.ndarray, offset: np.ndarray, scale: float) ->
         else:
             g = (tp(g[0]), g[1] * scale)
         prims.append((kind, part, fill, g))
-    return Figure(tp(fig.keypoints), fig.self_hidden.copy(), prims)
+    return Figure(tp(fig.keypoints), fig.self_hidden.copy(), prims,
+                  None if fig.landmarks is None else tp(fig.landmarks))
 
 
 def draw_figure(fig: Figure, rgb, lab, mask, label_base: int, outline_w: int) -> None:

@@ -36,6 +36,8 @@ OCCLUDER_LABEL = 255
 BACKGROUNDS = ("texture", "photo", "mixed", "plain")
 # The SyntheticConfig fields a training config may set (training.train.TrainConfig.domain); same names as the flags.
 DOMAIN_KEYS = ("background", "occluder_prob", "truncation_prob", "max_persons")
+# `--nested`: Human-Art-style sub-folders (images/<scenario>/...)
+NESTED_SCENARIOS = ("2D_virtual_human/cartoon", "3D_virtual_human/garage_kits", "real_human/dance")
 
 
 @dataclass(frozen=True)
@@ -184,6 +186,12 @@ def _place(rng, cfg, ext, n, w, h, boxes):
 def render_image(cfg: SyntheticConfig, index: int) -> tuple[Image.Image, list[dict]]:
     """Renders image `index` of the dataset; returns it with its person annotations
     (COCO fields except id/image_id)."""
+    img, anns, _ = render_scene(cfg, index)
+    return img, anns
+
+
+def render_scene(cfg: SyntheticConfig, index: int) -> tuple[Image.Image, list[dict], list]:
+    """`render_image` plus each annotation's figure in image pixels (for MPII's extra joints and head box)."""
     rng = np.random.default_rng([cfg.seed, index])
     w, h = cfg.image_size
     if cfg.max_image_size:
@@ -239,22 +247,29 @@ def render_image(cfg: SyntheticConfig, index: int) -> tuple[Image.Image, list[di
         anns.append({"category_id": 1, "iscrowd": 0, "num_keypoints": len(lab_xy), "keypoints": kps,
                      "bbox": [round(float(v), 2) for v in (x0, y0, x1 - x0, y1 - y0)],
                      "area": area})
-    return img, anns
+    return img, anns, [fig for fig, _ in people]
 
 
 # ----------------------------------------------------------------------------- dataset
-def build_coco(cfg: SyntheticConfig, image_dir: Path | None = None, ext: str = "jpg") -> dict:
-    """Renders all images (saving them to image_dir if given) and returns the COCO dict."""
+def build_coco(cfg: SyntheticConfig, image_dir: Path | None = None, ext: str = "jpg", nested: bool = False) -> dict:
+    """Renders all images (saving them to image_dir if given) and returns the COCO dict. `nested`: a Human-Art-style
+    set, images in scenario sub-folders and extra per-image / per-annotation fields a reader must ignore."""
     images, annotations = [], []
     for index in range(cfg.num_images):
         img, anns = render_image(cfg, index)
         name = f"{index + 1:06d}.{ext}"
+        scenario = NESTED_SCENARIOS[index % len(NESTED_SCENARIOS)]
+        if nested:
+            name = f"{scenario}/{name}"
         if image_dir is not None:
             kw = {"quality": cfg.jpeg_quality, "subsampling": 0} if ext == "jpg" else {}
+            (image_dir / name).parent.mkdir(parents=True, exist_ok=True)
             img.save(image_dir / name, **kw)
-        images.append({"id": index + 1, "file_name": name, "width": img.width, "height": img.height})
+        extra = {"category": scenario.split("/")[-1], "description": "synthetic figures"} if nested else {}
+        images.append({"id": index + 1, "file_name": name, "width": img.width, "height": img.height, **extra})
         for a in anns:
-            annotations.append({"id": len(annotations) + 1, "image_id": index + 1, **a})
+            extra = {"keypoints_21": a["keypoints"] + [0] * 12, "self_contact": []} if nested else {}
+            annotations.append({"id": len(annotations) + 1, "image_id": index + 1, **a, **extra})
     info = {"description": "posellm synthetic persons", "version": "1",
             "config": json.loads(json.dumps(asdict(cfg))),
             "photo_backgrounds": bool(cfg.background != "texture" and _photos())}
@@ -262,16 +277,25 @@ def build_coco(cfg: SyntheticConfig, image_dir: Path | None = None, ext: str = "
             "categories": [CATEGORY]}
 
 
-def generate_dataset(cfg: SyntheticConfig, out_dir: str | os.PathLike) -> Path:
+def generate_dataset(cfg: SyntheticConfig, out_dir: str | os.PathLike, nested: bool = False) -> Path:
     """Writes out_dir/images/*.jpg and out_dir/person_keypoints.json atomically: everything
     goes to a temporary sibling directory that then replaces out_dir."""
+    return write_atomically(out_dir, lambda tmp: _write_coco(cfg, tmp, nested))
+
+
+def _write_coco(cfg: SyntheticConfig, tmp: Path, nested: bool) -> None:
+    (tmp / "images").mkdir()
+    coco = build_coco(cfg, tmp / "images", nested=nested)
+    (tmp / ANNOTATION_FILE).write_text(json.dumps(coco, separators=(",", ":")))
+
+
+def write_atomically(out_dir: str | os.PathLike, fill) -> Path:
+    """`fill(tmp)` writes a dataset into a temporary sibling directory that then replaces out_dir."""
     out = Path(out_dir).resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        (tmp / "images").mkdir()
-        coco = build_coco(cfg, tmp / "images")
-        (tmp / ANNOTATION_FILE).write_text(json.dumps(coco, separators=(",", ":")))
+        fill(tmp)
         old = None
         if out.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
@@ -333,6 +357,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--truncation-prob", type=float, default=0.15)
     ap.add_argument("--background", choices=BACKGROUNDS, default="mixed")
     ap.add_argument("--preview", default=None, help="also write a contact sheet PNG here")
+    ap.add_argument("--nested", action="store_true",
+                    help="Human-Art style: images in scenario sub-folders, extra annotation fields")
+    ap.add_argument("--mpii", action="store_true",
+                    help="write an MPII-format set instead (images/, annot/valid.json, annot/gt_valid.mat; "
+                         "needs scipy)")
     ap.add_argument("--domain-of", default=None, metavar="TRAIN_CONFIG_JSON",
                     help="take background / occluder / truncation / max-persons from a training.train config "
                          "(e.g. a model's train_config.json), so a val set has its training domain")
@@ -348,7 +377,11 @@ def main(argv: list[str] | None = None) -> int:
                           occluder_prob=args.occluder_prob, truncation_prob=args.truncation_prob,
                           background=args.background)
     t0 = time.perf_counter()
-    out = generate_dataset(cfg, args.out)
+    if args.mpii:
+        from .mpii import generate_mpii
+        out = generate_mpii(cfg, args.out)
+    else:
+        out = generate_dataset(cfg, args.out, nested=args.nested)
     dt = time.perf_counter() - t0
     print(f"wrote {cfg.num_images} images to {out} in {dt:.1f}s ({cfg.num_images / max(dt, 1e-9):.0f} img/s)")
     if args.preview:

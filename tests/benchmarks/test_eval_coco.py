@@ -1,0 +1,27 @@
+"""`posellm-edge eval --coco` after the MPII split: the reference and fp32 on a nested (Human-Art style) synthetic
+set, COCO results per variant via --predictions."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+pytest.importorskip("pycocotools", reason="COCO AP needs pycocotools (the [bench] extra)")
+
+from benchmarks.evaluate import EvalConfig, evaluate  # noqa: E402
+from training.data.synthetic import ANNOTATION_FILE, SyntheticConfig, generate_dataset  # noqa: E402
+
+
+def test_eval_coco_reference_and_fp32(tiny_checkpoint, tiny_bundle, tmp_path):
+    data = generate_dataset(SyntheticConfig(num_images=2, seed=3, max_persons=2), tmp_path / "art", nested=True)
+    cfg = EvalConfig(checkpoint=tiny_checkpoint, bundles=(tiny_bundle,), images=data / "images",
+                     coco=data / ANNOTATION_FILE, precisions=("fp32",), decodings=("free",),
+                     out=tmp_path / "eval.json", predictions=tmp_path / "pred", max_ap_drop=0.0)
+    report = evaluate(cfg, log=lambda *_: None)
+    (fp32,) = report["variants"]
+    print(f"reference AP {report['reference']['AP']}, fp32 ΔAP {fp32['delta_AP']}")
+    assert report["metric"] == "AP" and fp32["delta_AP"] == 0.0 and report["failed"] == []
+    assert fp32["token_agreement"] == 1.0 and len(fp32["pixel_error_per_keypoint"]) == 17
+    results = json.loads((tmp_path / "pred" / "fp32-free" / "keypoints_results.json").read_text())
+    assert len(results) == report["persons"] and all(len(r["keypoints"]) == 51 for r in results)
+    assert "| name | AP |" in (tmp_path / "eval.md").read_text()
