@@ -100,7 +100,8 @@ def _person_record(
         return None
     kpts = _get(ann, "keypoints", source, where)
     if not isinstance(kpts, (list, tuple)) or len(kpts) != 3 * NUM_KEYPOINTS or not all(map(_is_number, kpts)):
-        raise InputError(f"{source}: {where} needs {3 * NUM_KEYPOINTS} keypoint numbers, got {_short(kpts)}")
+        raise InputError(f"{source}: {where} needs {3 * NUM_KEYPOINTS} keypoint values (numbers), got "
+                         f"{_short(kpts)}")
     if max(kpts) == 0:  # LocLLM: `if max(obj['keypoints']) == 0: continue` (no labelled keypoint)
         return None
     center, scale = box_to_center_scale(box)

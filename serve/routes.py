@@ -70,7 +70,9 @@ def build_api(get_service: Callable[[], PoseService]) -> FastAPI:
 
     @api.exception_handler(HTTPException)
     async def http_error(_: Request, exc: HTTPException):  # 404 unknown route, 405 wrong method, ...
-        return error(exc.status_code, str(exc.detail))
+        response = error(exc.status_code, str(exc.detail))
+        response.headers.update(exc.headers or {})  # e.g. 405's Allow
+        return response
 
     @api.exception_handler(RequestValidationError)
     async def validation_error(_: Request, exc: RequestValidationError):  # e.g. ?tokens=maybe: 400, not 422
