@@ -105,9 +105,11 @@ def atomic_dir(out_dir: str | Path, overwrite: bool = False) -> Iterator[Path]:
 
 def read_json(path: Path) -> dict[str, Any]:
     try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path}: cannot read JSON: {e}") from e
+    except RecursionError:  # the stdlib parser recurses once per nesting level
+        raise CheckpointError(f"{path}: cannot read JSON: nested too deeply") from None
     if not isinstance(data, dict):
         raise CheckpointError(f"{path}: expected a JSON object, got {type(data).__name__}")
     return data

@@ -57,7 +57,10 @@ def weight_files(root: Path) -> list[Path]:
             weight_map = read_json(index).get("weight_map")
             if not isinstance(weight_map, dict):
                 raise CheckpointError(f"{index}: no 'weight_map' object")
-            names = dict.fromkeys(weight_map.values())  # distinct, in first-seen order (names may not be str)
+            odd = next((v for v in weight_map.values() if not isinstance(v, str)), None)
+            if odd is not None:
+                raise CheckpointError(f"{index}: weight_map value {odd!r:.80}: expected a shard file name")
+            names = dict.fromkeys(weight_map.values())  # distinct, in first-seen order
             files = [_inside(root, name, f"{index} weight_map") for name in names]
             absent = [f.name for f in files if not f.is_file()]
             if absent:

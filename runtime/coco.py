@@ -53,6 +53,8 @@ def read_coco_persons(ann_path: str | os.PathLike) -> list[PersonRecord]:
         raise InputError(f"cannot read COCO annotation file {name!r}: {exc}") from exc
     except json.JSONDecodeError as exc:
         raise InputError(f"COCO annotation file {name!r} is not valid JSON: {exc}") from exc
+    except RecursionError:  # the stdlib parser recurses once per nesting level
+        raise InputError(f"COCO annotation file {name!r} nests arrays/objects too deeply to parse") from None
     if not isinstance(data, dict):
         raise InputError(f"COCO annotation file {name!r} must hold a JSON object, got {type(data).__name__}")
     for key in ("images", "annotations"):
@@ -62,15 +64,17 @@ def read_coco_persons(ann_path: str | os.PathLike) -> list[PersonRecord]:
     # pycocotools index: images keyed by id (first position wins the order), annotations grouped per image.
     images: dict[Any, Mapping[str, Any]] = {}
     for img in data["images"]:
-        images[_get(img, "id", name, "image")] = img
+        images[_id(_get(img, "id", name, "image"), name, "an image's id")] = img
     anns_by_image: dict[Any, list[Mapping[str, Any]]] = {}
     for ann in data["annotations"]:
-        anns_by_image.setdefault(_get(ann, "image_id", name, "annotation"), []).append(ann)
+        anns_by_image.setdefault(_id(_get(ann, "image_id", name, "annotation"), name, "an annotation's image_id"),
+                                 []).append(ann)
 
     records: list[PersonRecord] = []
     for image_id, img in images.items():
-        width = int(_get(img, "width", name, f"image {image_id}"))
-        height = int(_get(img, "height", name, f"image {image_id}"))
+        width = _number(_get(img, "width", name, f"image {image_id}"), name, f"image {image_id} width", integer=True)
+        height = _number(_get(img, "height", name, f"image {image_id}"), name, f"image {image_id} height",
+                         integer=True)
         # sub-directories are fine (Human-Art: images/<scenario>/...); `..` or an absolute name is refused
         file_name = relative_name(str(_get(img, "file_name", name, f"image {image_id}")),
                                   f"{name}: image {image_id} file_name", "the images folder", InputError)
@@ -89,17 +93,18 @@ def _person_record(
     if _get(ann, "iscrowd", source, where) != 0:  # getAnnIds(iscrowd=False) keeps iscrowd == 0 / False
         return None
     bbox = _get(ann, "bbox", source, where)
-    if not isinstance(bbox, (list, tuple)) or len(bbox) != 4:
-        raise InputError(f"{source}: {where} has bbox {bbox!r}; expected [x, y, w, h]")
+    if not isinstance(bbox, (list, tuple)) or len(bbox) != 4 or not all(map(_is_number, bbox)):
+        raise InputError(f"{source}: {where} has bbox {_short(bbox)}; expected [x, y, w, h] (four numbers)")
     box = sanitize_box(bbox, width, height)
-    area = float(_get(ann, "area", source, where))
+    area = _number(_get(ann, "area", source, where), source, f"{where} area")
     if box is None or not area > 0:
         return None
     if _get(ann, "category_id", source, where) != 1:
         return None
     kpts = _get(ann, "keypoints", source, where)
-    if not isinstance(kpts, (list, tuple)) or len(kpts) != 3 * NUM_KEYPOINTS:
-        raise InputError(f"{source}: {where} needs {3 * NUM_KEYPOINTS} keypoint values, got {kpts!r}")
+    if not isinstance(kpts, (list, tuple)) or len(kpts) != 3 * NUM_KEYPOINTS or not all(map(_is_number, kpts)):
+        raise InputError(f"{source}: {where} needs {3 * NUM_KEYPOINTS} keypoint values (numbers), got "
+                         f"{_short(kpts)}")
     if max(kpts) == 0:  # LocLLM: `if max(obj['keypoints']) == 0: continue` (no labelled keypoint)
         return None
     center, scale = box_to_center_scale(box)
@@ -108,6 +113,28 @@ def _person_record(
         scale=scale, keypoints=np.asarray(kpts, dtype=np.float32).reshape(NUM_KEYPOINTS, 3), area=area,
         ann_id=ann_id, raw_box=tuple(float(v) for v in bbox),
     )
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _number(value: Any, source: str, what: str, integer: bool = False) -> Any:
+    """A JSON number (an integer where `integer`) or InputError naming the file and the field."""
+    if not _is_number(value) or (integer and not float(value).is_integer()):
+        raise InputError(f"{source}: {what} is {_short(value)}; expected {'an integer' if integer else 'a number'}")
+    return int(value) if integer else float(value)
+
+
+def _id(value: Any, source: str, what: str) -> Any:
+    if not isinstance(value, (int, str)) or isinstance(value, bool):
+        raise InputError(f"{source}: {what} is {_short(value)}; expected an integer or a string")
+    return value
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _get(obj: Any, key: str, source: str, where: str) -> Any:

@@ -29,6 +29,7 @@ from .results import PersonResult, person_result
 DECODINGS = ("template", "free")
 # None: the bundle's 17; a set name (runtime.keypoint_sets); or (name, description) pairs
 Keypoints = str | Sequence[tuple[str, str]] | None
+CUSTOM_PROMPT_CACHE = 256  # custom keypoint sets whose tokenized prompts are kept
 
 
 @dataclass(frozen=True)
@@ -82,7 +83,16 @@ class Estimator:
         if engine_rows is not None and self.max_batch > engine_rows:
             raise InputError(f"max_batch={self.max_batch} exceeds the decoder engine's profiles (at most "
                              f"{engine_rows} sequences); rebuild with a larger `posellm-edge build --max-persons`")
+        # The longest custom keypoint suffix the decoder graph takes: the prefill's `seq` holds it (+ the template's
+        # forced answer head), the cache after the shared prefix (`past`) it plus every answer token.
+        p = m.prompts
+        head = p.digit_positions[0] if cfg.decoding == "template" else 0
+        seq_hi = form.decoder.dynamic_ranges.get("seq", (1, None))[1]
+        past_hi = form.decoder.dynamic_ranges.get("past", (0, None))[1]
+        self.max_suffix_tokens = min(n for n in (seq_hi and seq_hi - head, past_hi and past_hi - p.max_new_tokens,
+                                                 m.max_context) if n is not None)
         self._lock = threading.Lock()  # guards only the lazily built custom-prompt cache
+        # custom keypoint sets → suffix ids, least recently used first; bounded, as a server's clients choose them
         self._custom: dict[tuple[tuple[str, str], ...], list[list[int]]] = {}
         self.last_timings: dict[str, float] = {}
 
@@ -105,10 +115,22 @@ class Estimator:
         key = tuple(pairs)
         if not key:
             raise InputError("keypoints is empty; pass None for the 17 COCO keypoints or (name, description) pairs")
+        if len(key) > self.max_batch:
+            raise InputError(f"{len(key)} keypoints in one query; the decoder runs at most {self.max_batch} "
+                             "sequences per batch (max_batch, the bundle's max persons x 17)")
         with self._lock:
-            if key not in self._custom:
-                self._custom[key] = [self.tokenizer.suffix_ids(n, d) for n, d in key]
-            return [n for n, _ in key], self._custom[key]
+            suffixes = self._custom.pop(key, None)
+        if suffixes is None:
+            suffixes = [self.tokenizer.suffix_ids(n, d) for n, d in key]
+            for (name, _), ids in zip(key, suffixes):
+                if len(ids) > self.max_suffix_tokens:
+                    raise InputError(f"keypoint {name[:60]!r}: its prompt is {len(ids)} tokens; this bundle's "
+                                     f"decoder takes at most {self.max_suffix_tokens} (shorten the description)")
+        with self._lock:
+            self._custom[key] = suffixes  # most recently used last
+            while len(self._custom) > CUSTOM_PROMPT_CACHE:
+                del self._custom[next(iter(self._custom))]
+        return [n for n, _ in key], suffixes
 
     # -- inference -----------------------------------------------------------------------------------------------
     def estimate(self, image, boxes: Sequence[Sequence[float]], keypoints: Keypoints = None,

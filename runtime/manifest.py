@@ -162,7 +162,12 @@ class Manifest:
 
     @classmethod
     def from_json(cls, text: str) -> "Manifest":
-        data = json.loads(text)
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise BundleError(f"manifest is not valid JSON: {exc}") from None
+        except RecursionError:  # the stdlib parser recurses once per nesting level
+            raise BundleError("manifest nests arrays/objects too deeply to parse") from None
         version = data.get("schema_version") if isinstance(data, dict) else None
         if version not in SUPPORTED_SCHEMA_VERSIONS:
             raise BundleError(f"manifest schema_version {version!r} is not supported; this runtime reads "
@@ -182,6 +187,10 @@ def _build(tp: Any, value: Any, where: str) -> Any:
         unknown = sorted(set(value) - names)
         if unknown:
             raise BundleError(f"{where}: unknown keys {unknown}")
+        missing = sorted(f.name for f in dataclasses.fields(tp) if f.name not in value
+                         and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING)
+        if missing:
+            raise BundleError(f"{where}: missing keys {missing}")
         return tp(**{k: _build(hints[k], v, f"{where}.{k}") for k, v in value.items()})
     if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
         if value is None and type(None) in args:
@@ -199,6 +208,8 @@ def _build(tp: Any, value: Any, where: str) -> Any:
             raise BundleError(f"{where}: expected a list")
         if len(args) == 2 and args[1] is Ellipsis:
             return tuple(_build(args[0], v, f"{where}[{i}]") for i, v in enumerate(value))
+        if len(value) != len(args):
+            raise BundleError(f"{where}: expected {len(args)} values, got {len(value)}")
         return tuple(_build(a, v, f"{where}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
     if origin is dict:
         if not isinstance(value, dict):
@@ -227,7 +238,14 @@ def load_manifest(bundle: str | Path, verify: bool = True) -> Manifest:
     path = bundle / MANIFEST_NAME
     if not path.is_file():
         raise BundleError(f"{path}: no manifest.json — is {bundle} a posellm-edge bundle?")
-    manifest = Manifest.from_json(path.read_text())
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise BundleError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start}); is it a manifest?") from None
+    try:
+        manifest = Manifest.from_json(text)
+    except BundleError as exc:
+        raise BundleError(f"{path}: {exc}") from None
     check_paths(bundle, manifest)  # before any listed file is opened
     if verify:
         verify_files(bundle, manifest)

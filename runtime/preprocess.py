@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -36,16 +37,23 @@ _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 
 
 # ---------------------------------------------------------------------------------------------- images
-# What Pillow raises for bytes it cannot decode: unknown format, truncated data, a decompression bomb.
-IMAGE_DECODE_ERRORS = (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError)
+# What Pillow raises for bytes it cannot decode: unknown format, truncated data, a decompression bomb, and what its
+# plugins let through from a crafted header: TypeError (a TIFF tag of the wrong type: found by the property tests,
+# tests/runtime/test_image_decoding_properties.py), EOFError and struct.error (short reads in plugin headers).
+IMAGE_DECODE_ERRORS = (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError,
+                       TypeError, EOFError, struct.error)
 
 
-def decode_pil(fp, max_pixels: int | None = None) -> Image.Image:
+def decode_pil(fp, max_pixels: int | None = None, formats: Sequence[str] | None = None,
+               limit_name: str | None = None) -> Image.Image:
     """Open and fully decode an image file (a path or a file object), so a truncated file fails here and not later;
-    more than `max_pixels` is refused before decoding. Raises IMAGE_DECODE_ERRORS for unreadable data."""
-    with Image.open(fp) as im:
+    more than `max_pixels` is refused before decoding (InputError naming `limit_name`, the setting that raises it),
+    and only `formats` (Pillow format names) are tried when given. Raises IMAGE_DECODE_ERRORS for unreadable
+    data."""
+    with Image.open(fp, formats=list(formats) if formats is not None else None) as im:
         if max_pixels is not None and im.width * im.height > max_pixels:
-            raise InputError(f"image is {im.width}x{im.height} pixels; at most {max_pixels} are accepted")
+            raise InputError(f"image is {im.width}x{im.height} pixels; at most {max_pixels} are accepted"
+                             + (f" ({limit_name})" if limit_name else ""))
         im.load()
         return im.copy()
 

@@ -19,6 +19,7 @@ from runtime.errors import InputError
 from runtime.estimator import DECODINGS
 
 from .config import APP_NAME, ServeConfig, parse_autoscale
+from .payload import RequestLimits
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -42,7 +43,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="Ray's Prometheus metrics port when Ray starts here (a cluster sets its own at `ray start`)")
     p.add_argument("--cpus-per-replica", type=float, default=1.0)
     p.add_argument("--gpus-per-replica", type=float, default=0.0, help="1 = one replica per GPU")
-    p.add_argument("--max-body-mb", type=float, default=20.0)
+    p.add_argument("--max-body-mb", type=float, default=20.0, help="larger request bodies get 413 unread")
+    lim = RequestLimits()
+    p.add_argument("--max-boxes", type=int, default=lim.max_boxes, help="person boxes per request")
+    p.add_argument("--max-keypoints", type=int, default=lim.max_keypoints, help="custom keypoints per request")
+    p.add_argument("--max-keypoint-chars", type=int, default=lim.max_keypoint_chars,
+                   help="characters of one custom keypoint's name + description (they become prompt tokens)")
+    p.add_argument("--max-image-pixels", type=int, default=lim.max_image_pixels,
+                   help="width x height of a request's image, checked before it is decoded")
+    p.add_argument("--max-json-depth", type=int, default=lim.max_json_depth,
+                   help="nesting of arrays/objects in a JSON body or field")
+    p.add_argument("--max-json-values", type=int, default=lim.max_json_values,
+                   help="arrays, objects and items in a JSON body or field (the image string is one)")
     p.add_argument("--request-timeout-s", type=float, default=60.0)
     p.add_argument("--graceful-shutdown-s", type=float, default=30.0)
 
@@ -53,8 +65,15 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
                        port=args.port, max_persons_per_batch=args.max_persons_per_batch,
                        batch_wait_ms=args.batch_wait_ms, address=args.address, metrics_port=args.metrics_port,
                        cpus_per_replica=args.cpus_per_replica, gpus_per_replica=args.gpus_per_replica,
-                       max_body_mb=args.max_body_mb, request_timeout_s=args.request_timeout_s,
+                       max_body_mb=args.max_body_mb, limits=limits_from_args(args),
+                       request_timeout_s=args.request_timeout_s,
                        graceful_shutdown_timeout_s=args.graceful_shutdown_s)
+
+
+def limits_from_args(args: argparse.Namespace) -> RequestLimits:
+    return RequestLimits(max_boxes=args.max_boxes, max_keypoints=args.max_keypoints,
+                         max_keypoint_chars=args.max_keypoint_chars, max_image_pixels=args.max_image_pixels,
+                         max_json_depth=args.max_json_depth, max_json_values=args.max_json_values)
 
 
 def start(config: ServeConfig, ray_init_kwargs: dict | None = None) -> str:

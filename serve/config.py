@@ -9,6 +9,8 @@ from pathlib import Path
 from runtime.errors import InputError
 from runtime.estimator import DECODINGS
 
+from .payload import RequestLimits
+
 APP_NAME = "posellm"
 # Ray binds its workers to 10002-19999 and its other processes to ephemeral ports (from 32768 by default) while it
 # starts, after a port for Serve was picked: a pick from either range can be taken before Serve's proxy binds it
@@ -52,7 +54,7 @@ class ServeConfig:
     cpus_per_replica: float = 1.0
     gpus_per_replica: float = 0.0
     max_body_mb: float = 20.0  # larger bodies get 413 before they are read
-    max_boxes: int = 64  # persons per request
+    limits: RequestLimits = RequestLimits()  # what one request may hold: boxes, keypoints, JSON shape, pixels
     max_ongoing_requests: int = 64  # per replica; must exceed the batch so concurrent requests can meet
     max_queued_requests: int = 256  # per caller; beyond that Serve answers 503 at once instead of queueing
     request_timeout_s: float = 60.0  # the HTTP proxy gives up (408 / 504) after this
@@ -71,8 +73,8 @@ class ServeConfig:
             raise InputError(f"batch_wait_ms={self.batch_wait_ms}: expected 0..10000")
         if not 1 <= self.port <= 65535:
             raise InputError(f"port={self.port}: expected 1..65535")
-        if self.max_body_mb <= 0 or self.max_boxes < 1:
-            raise InputError(f"max_body_mb={self.max_body_mb}, max_boxes={self.max_boxes}: expected > 0")
+        if not self.max_body_mb > 0:
+            raise InputError(f"max_body_mb={self.max_body_mb}: expected > 0")
 
     @property
     def max_body_bytes(self) -> int:

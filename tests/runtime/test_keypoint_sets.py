@@ -59,7 +59,8 @@ def test_cli_run_keypoint_set(tiny_bundle, tmp_path):
 
 
 def test_serve_payload_accepts_a_set_name():
-    assert payload.parse_keypoints("mpii") == tuple(keypoint_set("mpii"))
-    assert payload.parse_keypoints('"h36m"') == tuple(keypoint_set("h36m"))  # multipart: JSON text
+    limits = payload.RequestLimits()
+    assert payload.parse_keypoints("mpii", limits) == tuple(keypoint_set("mpii"))
+    assert payload.parse_keypoints('"h36m"', limits) == tuple(keypoint_set("h36m"))  # multipart: JSON text
     with pytest.raises(InputError, match="unknown keypoint set"):
-        payload.parse_keypoints('"lsp"')
+        payload.parse_keypoints('"lsp"', limits)

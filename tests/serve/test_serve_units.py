@@ -17,6 +17,7 @@ from serve import payload
 from serve.batching import Job, run_jobs, split_request, total_persons
 
 THUMB = ("left thumb", "The left thumb is the short first digit of the left hand.")
+LIMITS = payload.RequestLimits(max_boxes=8)
 
 
 def _png(w=64, h=48) -> bytes:
@@ -31,12 +32,12 @@ def _json_body(image: bytes, boxes, **extra) -> bytes:
 
 def test_json_and_multipart_fields_parse_to_the_same_request():
     a = payload.from_json(_json_body(_png(), [[1, 2, 30, 40]], keypoints=[{"name": THUMB[0],
-                                                                            "description": THUMB[1]}]), 8)
-    b = payload.from_fields(_png(), "[[1, 2, 30, 40]]", json.dumps([{"name": THUMB[0], "description": THUMB[1]}]), 8)
+                                                                            "description": THUMB[1]}]), LIMITS)
+    b = payload.from_fields(_png(), "[[1, 2, 30, 40]]", json.dumps([{"name": THUMB[0], "description": THUMB[1]}]), LIMITS)
     assert a.boxes == b.boxes == [[1.0, 2.0, 30.0, 40.0]]
     assert a.keypoints == b.keypoints == (THUMB,)
     assert a.image.shape == b.image.shape == (48, 64, 3)
-    assert payload.from_json(_json_body(_png(), [[1, 2, 30, 40]]), 8).keypoints == ()  # default: the 17
+    assert payload.from_json(_json_body(_png(), [[1, 2, 30, 40]]), LIMITS).keypoints == ()  # default: the 17
 
 
 @pytest.mark.parametrize("body, message", [
@@ -61,7 +62,7 @@ def test_json_and_multipart_fields_parse_to_the_same_request():
 ])
 def test_bad_requests_raise_one_clear_input_error(body, message):
     with pytest.raises(InputError) as err:
-        payload.from_json(body, max_boxes=8)
+        payload.from_json(body, LIMITS)
     print(err.value)
     assert message in str(err.value)
 
