@@ -1,0 +1,127 @@
+"""Exact speculative digits: last frame's answer is the draft, the model's own greedy choice decides.
+
+Template decoding (decoding.py) feeds each chosen digit back in its own pass: 5 decode passes. Here every row also
+carries a draft of its six digits (last frame's answer for this person and keypoint). A pass feeds a row's committed
+token followed by draft tokens; the graph returns the greedy reductions at every fed position (up to the bundle's K
+logit positions), and the row keeps each prediction while the token fed after it equals the model's own choice:
+up to its first mismatch, whose prediction is still valid (it saw only accepted tokens) and becomes the corrected
+digit. The rejected draft tokens' K/V stay in the cache but are masked out of every later call (attention weight
+exactly 0), and the next pass feeds the corrected digit plus the rest of the draft. So every committed token and
+confidence is computed from exactly the context template decoding gives it: answers, scores and "forced" flags are
+template decoding's (to float rounding of the differently shaped matmuls; tests/runtime/test_speculative.py).
+
+With K >= 12 (`export --logits-positions 12`) the suffix prefill itself carries `▁[ 0 .` + the whole draft and
+verifies it: a fully accepted row needs no decode pass. With the default K = 4 the prefill carries `▁[ 0 .` (its
+logits must score steps 1-3) and each later pass verifies up to 4 tokens: 2 decode passes when the draft holds.
+Never more passes than template decoding's 5: each pass commits at least up to the next digit.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .answer import KeypointAnswer, parse_answer
+from .backends.base import Stopwatch
+from .decoding import Decoded, Decoder
+
+NO_DRAFT = -1  # a digit without a draft (a new person): any digit works as a draft, it is only verified
+
+
+def draft_digits(tokens: list[list[int]] | tuple, digit_ids: tuple[int, ...], positions: tuple[int, ...]
+                 ) -> np.ndarray:
+    """Generated ids per keypoint → [keypoints, 6] digit indices at the digit positions (NO_DRAFT where the answer
+    had no digit there)."""
+    index = {t: i for i, t in enumerate(digit_ids)}
+    out = np.full((len(tokens), len(positions)), NO_DRAFT, np.int64)
+    for r, ids in enumerate(tokens):
+        for j, p in enumerate(positions):
+            if p < len(ids):
+                out[r, j] = index.get(int(ids[p]), NO_DRAFT)
+    return out
+
+
+def speculative(dec: Decoder, image_embeds: np.ndarray, suffixes: list[list[int]], drafts: np.ndarray | None,
+                watch: Stopwatch) -> Decoded:
+    """`drafts`: [persons × keypoints, 6] digit indices (NO_DRAFT: none), person-major like the rows."""
+    p = dec.p
+    tpl = np.asarray(p.answer_template_ids, np.int64)
+    digits = np.asarray(p.digit_ids, np.int64)
+    dpos = np.asarray(p.digit_positions, np.int64)
+    n_steps, last = len(tpl), int(dpos[-1])  # steps after the last digit are fixed and unscored (`]`)
+    is_digit = np.zeros(n_steps, bool)
+    is_digit[dpos] = True
+    persons, q = image_embeds.shape[0], len(suffixes)
+    rows = persons * q
+    if drafts is None:
+        drafts = np.full((rows, len(dpos)), NO_DRAFT, np.int64)
+    drafts = np.asarray(drafts, np.int64)
+    if drafts.shape != (rows, len(dpos)):
+        raise ValueError(f"drafts of shape {drafts.shape}: expected ({rows}, {len(dpos)})")
+    seq = np.tile(tpl, (rows, 1))  # committed tokens before `n`, the draft from `n` on
+    seq[:, dpos] = digits[np.where(drafts == NO_DRAFT, 0, drafts)]
+    k = dec.m.dims.logits_positions
+    a = min(k - 1, last)  # answer tokens the suffix prefill carries: its last a+1 logits predict steps 0..a
+    out, mask, shared, past, last_pos = dec.prefill(image_embeds, suffixes, seq[:, :a], watch)
+    p0 = last_pos - a + 1  # position of answer step 0 per row
+    conf = np.zeros((rows, n_steps), np.float64)
+    forced = np.zeros(rows, np.int64)
+    n = np.zeros(rows, np.int64)  # next step to predict
+    all_rows = np.arange(rows)
+
+    def verify(o, w: np.ndarray) -> None:
+        """Row r fed tokens at steps n-1 .. n+w-2 (right-aligned in a window of `width`); its predictions of steps
+        n .. n+w-1 are the last w of o's positions. Commit up to the first rejected draft token."""
+        k_out = o.argmax.shape[1]
+        ok = w > 0
+        new_n = n.copy()
+        for j in range(int(w.max(initial=0))):
+            sel = ok & (j < w)
+            if not sel.any():
+                break
+            r = all_rows[sel]
+            step, col = n[r] + j, k_out - w[r] + j
+            choice = np.where(is_digit[step], digits[o.digit_argmax[r, col]], tpl[step])
+            conf[r, step] = o.max_prob[r, col]
+            forced[r] += o.argmax[r, col] != choice
+            has_next = j + 1 < w[r]
+            fed_next = seq[r, np.minimum(step, n_steps - 1)]  # the token fed after this prediction was seq[step]
+            reject = has_next & (fed_next != choice)
+            seq[r, step] = choice
+            stop = reject | ~has_next
+            new_n[r[stop]] = step[stop] + 1
+            ok[r[stop]] = False
+            for rr in r[reject]:  # its window columns j+1 .. w-1 held rejected tokens: masked from now on
+                mask[rr, mask.shape[1] - w[rr] + j + 1:] = 0
+        n[:] = new_n
+
+    with watch.stage("decode"):
+        watch.count("person_passes", persons)  # the suffix prefill: one pass for each person's rows
+        verify(out, np.full(rows, a + 1, np.int64))
+        while (n <= last).any():
+            w = np.clip(np.minimum(k, last - n + 1), 0, None)
+            width = int(w.max())
+            ids = np.full((rows, width), p.pad_id, np.int64)
+            new_mask = np.zeros((rows, width), np.int64)
+            pos = np.repeat(p0[:, None], width, axis=1)
+            for r in all_rows[w > 0]:
+                lo = width - w[r]
+                ids[r, lo:] = seq[r, n[r] - 1:n[r] - 1 + w[r]]
+                new_mask[r, lo:] = 1
+                pos[r, lo:] = p0[r] + np.arange(n[r] - 1, n[r] - 1 + w[r])
+            mask = np.concatenate([mask, new_mask], axis=1)
+            out, past = dec._step(dec.embed(ids), mask, pos, shared, past)
+            watch.count("person_passes", persons)
+            verify(out, w)
+    watch.count("persons", persons)
+    hit = (drafts != NO_DRAFT) & (seq[:, dpos] == digits[np.where(drafts == NO_DRAFT, 0, drafts)])
+    for j in range(len(dpos)):
+        watch.count(f"draft_digit{j}", int((drafts[:, j] != NO_DRAFT).sum()))
+        watch.count(f"accepted_digit{j}", int(hit[:, j].sum()))
+    out_tokens, answers = [], []
+    for r in range(rows):
+        s = list(map(int, seq[r]))
+        ans = parse_answer(dec.detokenize(s), conf[r, :n_steps - 1], dec.m.preprocess.crop_size)
+        if forced[r]:
+            ans = KeypointAnswer(ans.text, ans.x, ans.y, ans.score, ans.ok, f"template forced {int(forced[r])} token(s)")
+        out_tokens.append(s)
+        answers.append(ans)
+    return Decoded(out_tokens, answers)
