@@ -33,6 +33,8 @@ class EvalConfig:
     max_ap_drop: float | None = None
     out: Path | None = None
     max_images: int | None = None
+    detections: Path | None = None  # COCO results of a person detector instead of GT boxes (detected_persons.py)
+    det_score: float = 0.0
 
 
 @dataclass
@@ -93,17 +95,29 @@ def evaluate(cfg: EvalConfig, log=print) -> dict:
     from runtime.prompts import PromptTokenizer
     from tokenizers import Tokenizer
 
-    by_image = persons_by_image(cfg.coco, cfg.max_images)
-    ids = list(by_image)
+    if cfg.detections is not None:
+        from .detected_persons import detected_records, rescore_and_nms
+        by_image, box_scores, ids = detected_records(cfg.coco, cfg.detections, cfg.det_score, cfg.max_images)
+        records = [r for recs in by_image.values() for r in recs]
+        finish = lambda preds: rescore_and_nms(preds, records, box_scores)  # noqa: E731
+    else:
+        by_image = persons_by_image(cfg.coco, cfg.max_images)
+        ids = list(by_image)
+        finish = lambda preds: preds  # noqa: E731 — GT boxes: LocLLM's protocol, no rescoring / NMS
     persons = sum(len(v) for v in by_image.values())
-    log(f"{len(by_image)} images, {persons} persons from {cfg.coco}")
+    log(f"{len(by_image)} images, {persons} persons from "
+        f"{cfg.detections if cfg.detections is not None else cfg.coco}")
     first = Path(cfg.bundles[0])
     tokenizer = PromptTokenizer(Tokenizer.from_file(str(first / "tokenizer.json")))
     model = load_checkpoint(cfg.checkpoint)
     reference = ReferenceEstimator(model.merge_lora() if model.has_lora() else model, tokenizer)
     ref = run_variant("reference", reference, by_image, cfg.images)
     report: dict = {"coco": str(cfg.coco), "persons": persons, "checkpoint": str(cfg.checkpoint),
-                    "reference": {"name": "reference", **coco_keypoint_metrics(cfg.coco, ref.predictions, ids),
+                    "boxes": ({"detections": str(cfg.detections), "det_score": cfg.det_score,
+                               "rescoring": "mean keypoint score > 0.2 × box score", "nms": "OKS-NMS 0.9"}
+                              if cfg.detections is not None else "ground truth"),
+                    "reference": {"name": "reference", **coco_keypoint_metrics(cfg.coco, finish(ref.predictions),
+                                                                              ids),
                                   "token_agreement": 1.0, "seconds": round(ref.seconds, 3)},
                     "variants": []}
     log(f"reference: AP {report['reference']['AP']:.2f} ({ref.seconds:.1f}s)")
@@ -117,7 +131,7 @@ def evaluate(cfg: EvalConfig, log=print) -> dict:
                                                         backend=cfg.backend, verify=False))
                 run = run_variant(name, est, by_image, cfg.images)
                 entry = {"name": name, "bundle": str(bundle), "precision": precision, "decoding": decoding,
-                         **coco_keypoint_metrics(cfg.coco, run.predictions, ids), **_agreement(ref, run),
+                         **coco_keypoint_metrics(cfg.coco, finish(run.predictions), ids), **_agreement(ref, run),
                          "seconds": round(run.seconds, 3)}
                 entry["delta_AP"] = round(entry["AP"] - report["reference"]["AP"], 3)
                 report["variants"].append(entry)
