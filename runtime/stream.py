@@ -19,7 +19,7 @@ from .detections import Detection, check_image_ids
 from .draw import render_results
 from .errors import InputError
 from .estimator import Estimator
-from .preprocess import sanitize_box
+from .preprocess import validate_box
 from .tracking import Tracker
 
 DIGITS = 6
@@ -55,6 +55,15 @@ class StreamSummary:
         }
 
 
+def _usable(box, width: int, height: int) -> bool:
+    """A detector may report boxes outside the frame (or under a pixel inside it): those are skipped, not errors."""
+    try:
+        validate_box(box, width, height)
+    except InputError:
+        return False
+    return True
+
+
 def frame_counts(watch: Stopwatch) -> dict:
     c = watch.counts
     out = {"passes_per_person": c.get("person_passes", 0) / max(c.get("persons", 0), 1)}
@@ -85,8 +94,7 @@ def run_stream(estimator: Estimator, frames: Iterable, tracker: Tracker,
             seen = frame.index
             h, w = frame.rgb.shape[:2]
             if detections is not None:
-                tracker.assign([d for d in detections.get(frame.index, [])
-                                if sanitize_box(d.box, w, h) is not None])
+                tracker.assign([d for d in detections.get(frame.index, []) if _usable(d.box, w, h)])
             tracks = list(tracker.tracks)
             watch = Stopwatch()
             t0 = time.perf_counter()
