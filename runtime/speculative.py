@@ -6,7 +6,8 @@ token followed by draft tokens; the graph returns the greedy reductions at every
 logit positions), and the row keeps each prediction while the token fed after it equals the model's own choice:
 up to its first mismatch, whose prediction is still valid (it saw only accepted tokens) and becomes the corrected
 digit. The rejected draft tokens' K/V stay in the cache but are masked out of every later call (attention weight
-exactly 0), and the next pass feeds the corrected digit plus the rest of the draft. So every committed token and
+exactly 0), and the next pass feeds the corrected digit plus the rest of the draft (the rest of the corrected
+number re-drafted as the value closest to the old one). So every committed token and
 confidence is computed from exactly the context template decoding gives it: answers, scores and "forced" flags are
 template decoding's (to float rounding of the differently shaped matmuls; tests/runtime/test_speculative.py).
 
@@ -66,6 +67,8 @@ def speculative(dec: Decoder, image_embeds: np.ndarray, suffixes: list[list[int]
     forced = np.zeros(rows, np.int64)
     n = np.zeros(rows, np.int64)  # next step to predict
     all_rows = np.arange(rows)
+    index_of = {int(t): i for i, t in enumerate(digits)}
+    later = {int(q): [int(x) for x in grp if x > q] for grp in (dpos[:3], dpos[3:]) for q in grp}
 
     def verify(o, w: np.ndarray) -> None:
         """Row r fed tokens at steps n-1 .. n+w-2 (right-aligned in a window of `width`); its predictions of steps
@@ -85,6 +88,12 @@ def speculative(dec: Decoder, image_embeds: np.ndarray, suffixes: list[list[int]
             has_next = j + 1 < w[r]
             fed_next = seq[r, np.minimum(step, n_steps - 1)]  # the token fed after this prediction was seq[step]
             reject = has_next & (fed_next != choice)
+            for rr, st, was, now in zip(r[fed_next != choice], step[fed_next != choice],
+                                        fed_next[fed_next != choice], choice[fed_next != choice]):
+                # a corrected digit: re-draft the rest of its number as the value closest to the old one
+                # (0.239 → 0.24_: 0.240, not 0.249), the usual case when a coordinate moved by a few thousandths
+                fill = digits[0] if index_of[int(now)] > index_of[int(was)] else digits[9]
+                seq[rr, later[int(st)]] = fill
             seq[r, step] = choice
             stop = reject | ~has_next
             new_n[r[stop]] = step[stop] + 1
