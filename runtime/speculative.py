@@ -66,41 +66,45 @@ def speculative(dec: Decoder, image_embeds: np.ndarray, suffixes: list[list[int]
     conf = np.zeros((rows, n_steps), np.float64)
     forced = np.zeros(rows, np.int64)
     n = np.zeros(rows, np.int64)  # next step to predict
-    all_rows = np.arange(rows)
     index_of = {int(t): i for i, t in enumerate(digits)}
     later = {int(q): [int(x) for x in grp if x > q] for grp in (dpos[:3], dpos[3:]) for q in grp}
 
     def verify(o, w: np.ndarray) -> None:
-        """Row r fed tokens at steps n-1 .. n+w-2 (right-aligned in a window of `width`); its predictions of steps
-        n .. n+w-1 are the last w of o's positions. Commit up to the first rejected draft token."""
-        k_out = o.argmax.shape[1]
-        ok = w > 0
-        new_n = n.copy()
-        for j in range(int(w.max(initial=0))):
-            sel = ok & (j < w)
-            if not sel.any():
-                break
-            r = all_rows[sel]
-            step, col = n[r] + j, k_out - w[r] + j
-            choice = np.where(is_digit[step], digits[o.digit_argmax[r, col]], tpl[step])
-            conf[r, step] = o.max_prob[r, col]
-            forced[r] += o.argmax[r, col] != choice
-            has_next = j + 1 < w[r]
-            fed_next = seq[r, np.minimum(step, n_steps - 1)]  # the token fed after this prediction was seq[step]
-            reject = has_next & (fed_next != choice)
-            for rr, st, was, now in zip(r[fed_next != choice], step[fed_next != choice],
-                                        fed_next[fed_next != choice], choice[fed_next != choice]):
-                # a corrected digit: re-draft the rest of its number as the value closest to the old one
-                # (0.239 → 0.24_: 0.240, not 0.249), the usual case when a coordinate moved by a few thousandths
-                fill = digits[0] if index_of[int(now)] > index_of[int(was)] else digits[9]
-                seq[rr, later[int(st)]] = fill
-            seq[r, step] = choice
-            stop = reject | ~has_next
-            new_n[r[stop]] = step[stop] + 1
-            ok[r[stop]] = False
-            for rr in r[reject]:  # its window columns j+1 .. w-1 held rejected tokens: masked from now on
-                mask[rr, mask.shape[1] - w[rr] + j + 1:] = 0
-        n[:] = new_n
+        """Row r fed tokens at steps n-1 .. n+w-2 (right-aligned in its window); its predictions of steps
+        n .. n+w-1 are the last w of o's positions. Commit up to and including the first prediction that differs
+        from the draft token fed after it (vectorised over rows and positions: no per-step Python loop)."""
+        k_out, width = o.argmax.shape[1], int(w.max(initial=0))
+        if width == 0:
+            return
+        j = np.arange(width)[None, :]
+        valid = j < w[:, None]
+        step = np.minimum(n[:, None] + j, n_steps - 1)
+        col = np.clip(k_out - w[:, None] + j, 0, k_out - 1)
+        dig = np.take_along_axis(o.digit_argmax, col, axis=1)
+        choice = np.where(is_digit[step], digits[dig], tpl[step])
+        draft = np.take_along_axis(seq, step, axis=1)  # the token fed after prediction j (if j + 1 < w)
+        differs = valid & (draft != choice)
+        reject = differs & (j + 1 < w[:, None])
+        first = np.where(reject.any(axis=1), reject.argmax(axis=1), w - 1)  # last committed prediction
+        commit = valid & (j <= first[:, None])
+        r, c = np.nonzero(commit)
+        st, cl = step[r, c], col[r, c]
+        conf[r, st] = o.max_prob[r, cl]
+        np.add.at(forced, r, (o.argmax[r, cl] != choice[r, c]).astype(np.int64))
+        # a corrected digit (the last committed one, where it differs from the draft): re-draft the rest of its
+        # number as the value closest to the old one (0.239 → 0.24_: 0.240, not 0.249), the usual case when a
+        # coordinate moved by a few thousandths
+        for rr in np.nonzero((w > 0) & differs[np.arange(rows), np.maximum(first, 0)])[0]:
+            jj = first[rr]
+            was, now = int(draft[rr, jj]), int(choice[rr, jj])
+            seq[rr, later[int(step[rr, jj])]] = digits[0] if index_of[now] > index_of[was] else digits[9]
+        seq[r, st] = choice[r, c]
+        # a rejected row's window columns after its first mismatch held rejected tokens: masked from now on
+        rejected = reject.any(axis=1)
+        if rejected.any():
+            tail = mask[:, mask.shape[1] - width:]
+            tail[(np.arange(width)[None, :] > (width - w + first)[:, None]) & rejected[:, None]] = 0
+        n[:] = np.where(w > 0, n + first + 1, n)
 
     with watch.stage("decode"):
         watch.count("person_passes", persons)  # the suffix prefill: one pass for each person's rows
@@ -108,15 +112,12 @@ def speculative(dec: Decoder, image_embeds: np.ndarray, suffixes: list[list[int]
         while (n <= last).any():
             w = np.clip(np.minimum(k, last - n + 1), 0, None)
             width = int(w.max())
-            ids = np.full((rows, width), p.pad_id, np.int64)
-            new_mask = np.zeros((rows, width), np.int64)
-            pos = np.repeat(p0[:, None], width, axis=1)
-            for r in all_rows[w > 0]:
-                lo = width - w[r]
-                ids[r, lo:] = seq[r, n[r] - 1:n[r] - 1 + w[r]]
-                new_mask[r, lo:] = 1
-                pos[r, lo:] = p0[r] + np.arange(n[r] - 1, n[r] - 1 + w[r])
-            mask = np.concatenate([mask, new_mask], axis=1)
+            src = n[:, None] - 1 + np.arange(width)[None, :] - (width - w)[:, None]  # answer step per column
+            real = src >= n[:, None] - 1  # left padding (masked) before each row's w tokens
+            src = np.clip(src, 0, n_steps - 1)
+            ids = np.where(real, np.take_along_axis(seq, src, axis=1), p.pad_id)
+            pos = np.where(real, p0[:, None] + src, p0[:, None])
+            mask = np.concatenate([mask, real.astype(np.int64)], axis=1)
             out, past = dec._step(dec.embed(ids), mask, pos, shared, past)
             watch.count("person_passes", persons)
             verify(out, w)
