@@ -176,3 +176,10 @@ def test_truncated_video_keeps_the_jsonl_valid(tiny_bundle, video_dir, tmp_path)
     lines = [json.loads(s) for s in jsonl.read_text().splitlines()]
     assert 0 < len(lines) < CFG.frames, len(lines)
     print(f"truncated at 60%: {len(lines)} of {CFG.frames} frames written before the error")
+
+
+def test_detector_boxes_outside_the_frame_are_skipped():
+    from runtime.stream import _usable
+    assert _usable([10, 10, 50, 50], 160, 120) and _usable([-20, -20, 50, 50], 160, 120)  # partly inside: cropped
+    assert not _usable([-100, 10, 50, 50], 160, 120) and not _usable([200, 10, 50, 50], 160, 120)
+    assert not _usable([10, 10, 0, 50], 160, 120)
