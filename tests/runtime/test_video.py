@@ -183,3 +183,27 @@ def test_detector_boxes_outside_the_frame_are_skipped():
     assert _usable([10, 10, 50, 50], 160, 120) and _usable([-20, -20, 50, 50], 160, 120)  # partly inside: cropped
     assert not _usable([-100, 10, 50, 50], 160, 120) and not _usable([200, 10, 50, 50], 160, 120)
     assert not _usable([10, 10, 0, 50], 160, 120)
+
+
+def _shared_video() -> Path | None:
+    root = tiny.SHARED / "data"
+    found = sorted(p for ext in ("mp4", "mov", "avi", "mkv", "webm") for p in root.rglob(f"*.{ext}")) \
+        if root.is_dir() else []
+    return found[0] if found else None
+
+
+def test_real_video_smoke(request, tmp_path):
+    """The first video under ../shared/data, 3 frames tracked from a centred box (decoding and the stream on real
+    footage; the tiny model's answers are meaningless)."""
+    av = pytest.importorskip("av", reason="PyAV not installed (pip install 'posellm-edge[video]')")
+    video = _shared_video()
+    if video is None:
+        pytest.skip("no video under ../shared/data (mp4/mov/avi/mkv/webm)")
+    tiny_bundle = request.getfixturevalue("tiny_bundle")  # built only when there is a video to run
+    with av.open(str(video)) as c:
+        s = c.streams.video[0]
+        w, h = s.codec_context.width, s.codec_context.height
+    r = _cli("run", str(tiny_bundle), "--video", str(video), "--box", f"{w / 4},{h / 4},{w / 2},{h / 2}",
+             "--lost-score", "0", "--keypoint-score", "0", "--max-frames", "3", "--json", str(tmp_path / "r.jsonl"))
+    assert r.returncode == 0, r.stderr
+    assert len((tmp_path / "r.jsonl").read_text().splitlines()) == 3
