@@ -17,7 +17,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--images", type=Path)
     p.add_argument("--backend", choices=BACKENDS, default="onnxruntime")
     p.add_argument("--precision", action="append")
-    p.add_argument("--decoding", action="append", choices=("template", "free"))
+    p.add_argument("--decoding", action="append", choices=("template", "free", "speculative"))
     p.add_argument("--persons", type=int, default=12, help="timed persons per variant")
     p.add_argument("--reference-persons", type=int, default=6, help="timed persons for the (slow) reference")
     p.add_argument("--batch-sizes", default="1,4,8", help="persons per call for the throughput figures")
@@ -25,12 +25,25 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="an eval REPORT.json (repeatable: COCO AP and MPII PCKh side by side in the table and plot)")
     p.add_argument("--out", type=Path)
     p.add_argument("--plot", type=Path)
+    p.add_argument("--video", nargs="?", const="synthetic", default=None, metavar="IN.mp4",
+                   help="ms/person template vs speculative on a video, interleaved per frame (no file: the "
+                        "synthetic walking figure); boxes from --detections")
+    p.add_argument("--detections", type=Path, help="with --video FILE: COCO results, image_id = frame index")
+    p.add_argument("--max-frames", type=int, default=None)
     p.add_argument("--interleave", action="store_true",
                    help="time the variants in turn on each person (fair ratios on a shared machine; peak RSS is then "
                         "the whole process's)")
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.video is not None:
+        from .video_bench import VideoBenchConfig, video_benchmark
+        decodings = tuple(args.decoding) if args.decoding else ("template", "speculative")
+        video_benchmark(VideoBenchConfig(
+            bundles=tuple(args.bundles), video=None if args.video == "synthetic" else Path(args.video),
+            detections=args.detections, precision=(args.precision or ["fp32"])[0], backend=args.backend,
+            decodings=decodings, max_frames=args.max_frames, out=args.out))
+        return 0
     with tempfile.TemporaryDirectory() as tmp:
         coco, images = args.coco, args.images
         if coco is None:

@@ -29,6 +29,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, help="REPORT.json (a Markdown table is written beside it)")
     p.add_argument("--predictions", type=Path, help="write every variant's predictions to DIR/<variant>/ "
                                                     "(MPII: LocLLM's pred_kpt.json; COCO: keypoints_results.json)")
+    p.add_argument("--detections", type=Path, metavar="DETS.json",
+                   help="a person detector's COCO results instead of GT boxes (rescored, OKS-NMS 0.9 as HRNet/mmpose)")
+    p.add_argument("--det-score", type=float, default=0.0, help="with --detections: keep boxes scoring at least this")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -37,7 +40,8 @@ def run(args: argparse.Namespace) -> int:
         headboxes=args.headboxes, images=args.images, backend=args.backend,
         precisions=tuple(args.precision) if args.precision else None,
         decodings=tuple(args.decoding) if args.decoding else DECODINGS, max_ap_drop=args.max_ap_drop,
-        out=args.out, predictions=args.predictions, max_images=args.max_images))
+        out=args.out, predictions=args.predictions, max_images=args.max_images,
+        detections=args.detections, det_score=args.det_score))
     print(report["markdown"])
     failed = report.get("failed")
     if failed:

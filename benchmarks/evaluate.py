@@ -38,6 +38,8 @@ class EvalConfig:
     out: Path | None = None
     predictions: Path | None = None  # a folder: <variant>/keypoints_results.json or pred_kpt.json
     max_images: int | None = None
+    detections: Path | None = None  # COCO results of a person detector instead of GT boxes (detected_persons.py)
+    det_score: float = 0.0
 
     def __post_init__(self) -> None:
         if (self.coco is None) == (self.mpii is None):
@@ -45,6 +47,8 @@ class EvalConfig:
                              "gt_valid.mat")
         if self.mpii is not None and self.headboxes is None:
             raise InputError(f"--mpii {self.mpii} needs --headboxes gt_valid.mat (MPII's annot/gt_valid.mat)")
+        if self.detections is not None and self.coco is None:
+            raise InputError(f"--detections {self.detections} scores COCO-format sets; expected --coco with it")
         if self.coco is not None and self.headboxes is not None:
             raise InputError(f"--headboxes {self.headboxes} belongs to --mpii; expected no --headboxes with --coco")
 
@@ -97,10 +101,35 @@ def persons_by_image(coco: Path, max_images: int | None = None) -> "OrderedDict[
     return by_image
 
 
+@dataclass(frozen=True)
+class DetectedCocoBenchmark(CocoBenchmark):
+    """COCO AP on a person detector's boxes (top-down protocol of HRNet/mmpose): each person's score is rescored
+    by its keypoint scores and the box score, then OKS-NMS at 0.9, before pycocotools (detected_persons.py)."""
+    detections: Path | None = None
+    det_score: float = 0.0
+    box_scores: tuple[float, ...] = ()
+    image_ids: tuple[int, ...] = ()
+
+    def describe(self) -> str:
+        return (f"{len(self.groups)} images, {sum(len(v) for v in self.groups.values())} detected persons from "
+                f"{self.detections} (score >= {self.det_score})")
+
+    def metrics(self, predictions: list[dict]) -> dict:
+        from .detected_persons import rescore_and_nms
+        records = [r for recs in self.groups.values() for r in recs]  # run_variant's order
+        return coco_keypoint_metrics(self.ann, rescore_and_nms(predictions, records, list(self.box_scores)),
+                                     list(self.image_ids))
+
+
 def load_benchmark(cfg: EvalConfig):
     if cfg.mpii is not None:
         from .mpii_eval import MpiiBenchmark  # scipy only for MPII
         return MpiiBenchmark.load(cfg.mpii, cfg.headboxes, cfg.max_images)
+    if cfg.detections is not None:
+        from .detected_persons import detected_records
+        by_image, box_scores, ids = detected_records(cfg.coco, cfg.detections, cfg.det_score, cfg.max_images)
+        return DetectedCocoBenchmark(cfg.coco, by_image, detections=cfg.detections, det_score=cfg.det_score,
+                                     box_scores=tuple(box_scores), image_ids=tuple(ids))
     return CocoBenchmark(cfg.coco, persons_by_image(cfg.coco, cfg.max_images))
 
 
@@ -162,6 +191,11 @@ def evaluate(cfg: EvalConfig, log=print) -> dict:
     ref = run_variant("reference", reference, by_image, cfg.images, prediction=bench.prediction)
     key = bench.primary
     benchmark = {"coco": str(cfg.coco)} if cfg.coco else {"mpii": str(cfg.mpii), "headboxes": str(cfg.headboxes)}
+    if cfg.detections is not None:
+        benchmark["boxes"] = {"detections": str(cfg.detections), "det_score": cfg.det_score,
+                              "rescoring": "mean keypoint score > 0.2 x box score", "nms": "OKS-NMS 0.9"}
+    elif cfg.coco:
+        benchmark["boxes"] = "ground truth"
     report: dict = {"benchmark": "mpii" if cfg.mpii else "coco", **benchmark,
                     "persons": sum(len(v) for v in by_image.values()), "checkpoint": str(cfg.checkpoint),
                     "metric": key, "reference": {"name": "reference", **_scores(bench, ref, cfg.predictions),

@@ -35,7 +35,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="custom keypoint (repeatable); default: the 17 COCO keypoints")
     p.add_argument("--keypoint-set", choices=SET_NAMES, default=None,
                    help="a named LocLLM keypoint set instead: coco (17), mpii (16), h36m (17)")
-    p.add_argument("--decoding", choices=DECODINGS, default="template")
+    p.add_argument("--decoding", choices=DECODINGS, default=None,
+                   help="default: speculative for --video/--camera (exact: equals template), else template")
     p.add_argument("--backend", choices=BACKENDS, default="onnxruntime")
     p.add_argument("--precision", default="fp32", help="bundle variant: fp32, fp16 or int8")
     p.add_argument("--max-batch", type=int, default=None, help="sequences per decoder batch")
@@ -44,12 +45,27 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--draw", type=Path, help="render skeleton, points and scores to this PNG")
     p.add_argument("--coco", type=Path, help="batch mode: COCO keypoint annotations (GT boxes)")
     p.add_argument("--images", type=Path, help="batch mode: image folder")
-    p.add_argument("--out", type=Path, help="batch mode: COCO results JSON")
+    p.add_argument("--out", type=Path, help="batch mode: COCO results JSON; video mode: the drawn video (MP4)")
+    v = p.add_argument_group("video / camera (pip install 'posellm-edge[video]')")
+    v.add_argument("--video", type=Path, help="a video file; --json writes one JSON line per frame")
+    v.add_argument("--camera", type=int, metavar="N", help="camera N (V4L2 /dev/videoN on Linux)")
+    v.add_argument("--detections", type=Path, metavar="DETS.json",
+                   help="COCO results of a person detector, image_id = frame index (else: --box, then tracked)")
+    v.add_argument("--det-score", type=float, default=0.0, help="keep detections scoring at least this")
+    v.add_argument("--keypoint-score", type=float, default=0.3, help="tracking: keypoints that define the next box")
+    v.add_argument("--lost-score", type=float, default=0.2, help="tracking: drop a person below this mean score")
+    v.add_argument("--track-margin", type=float, default=1.25, help="tracking: keypoint box × this")
+    v.add_argument("--max-frames", type=int, default=None, help="stop after this many frames (a camera: Ctrl-C)")
 
 
 def run(args: argparse.Namespace) -> int:
-    cfg = EstimatorConfig(precision=args.precision, backend=args.backend, decoding=args.decoding,
+    streaming = args.video is not None or args.camera is not None
+    decoding = args.decoding or ("speculative" if streaming else "template")
+    cfg = EstimatorConfig(precision=args.precision, backend=args.backend, decoding=decoding,
                           max_batch=args.max_batch, threads=args.threads)
+    if streaming:
+        from .stream_cli import run_video
+        return run_video(args, cfg)
     if args.coco is not None:
         if args.images is None or args.out is None:
             raise InputError("--coco needs --images DIR and --out RESULTS.json")

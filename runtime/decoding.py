@@ -67,10 +67,11 @@ class Decoder:
                           np.asarray(out["digit_argmax"], np.int64), out["logits"]), nxt
 
     # -- prefill -------------------------------------------------------------------------------------------------
-    def prefill(self, image_embeds: np.ndarray, suffixes: list[list[int]], append: list[int],
+    def prefill(self, image_embeds: np.ndarray, suffixes: list[list[int]], append: list[int] | np.ndarray,
                 watch: Stopwatch) -> tuple[StepOutput, np.ndarray, dict[str, Any], dict[str, Any], np.ndarray]:
         """Prefix once per person, then all persons × suffixes (+ `append`, the forced answer head) as one batch
         that attends to each person's prefix K/V in place (shared-prefix attention: it is never repeated per row).
+        `append` is one token list for every row, or a [rows, n] array (speculative drafts differ per row).
 
         Returns the suffix prefill's StepOutput, the attention mask so far (prefix included), the prefix K/V, the
         non-prefix KV cache, and each row's last position. Suffixes are left padded *between* prefix and suffix,
@@ -91,7 +92,9 @@ class Decoder:
                                {n: self._zeros(persons, 0) for n in self.kv_names})
             shared = {p: kv[n] for p, n in zip(self.prefix_names, self.kv_names)}
         with watch.stage("suffix_prefill"):
-            seqs = [list(s) + list(append) for s in suffixes]
+            per_row = np.asarray(append, np.int64).ndim == 2
+            n_append = np.asarray(append).shape[-1] if len(append) else 0
+            seqs = [list(s) + ([self.p.pad_id] * n_append if per_row else list(append)) for s in suffixes]
             width = max(len(s) for s in seqs)
             ids = np.full((q, width), self.p.pad_id, np.int64)
             mask = np.zeros((q, plen + width), np.int64)
@@ -102,7 +105,12 @@ class Decoder:
                 mask[i, plen + width - len(s):] = 1
                 pos[i, width - len(s):] = np.arange(plen, plen + len(s))
             rows = persons * q
-            emb = np.tile(self.embed(ids), (persons, 1, 1))
+            if per_row:  # the appended tokens sit at the right end of every row
+                ids = np.tile(ids, (persons, 1))
+                ids[:, width - n_append:] = append
+                emb = self.embed(ids)
+            else:
+                emb = np.tile(self.embed(ids), (persons, 1, 1))
             mask, pos = np.tile(mask, (persons, 1)), np.tile(pos, (persons, 1))
             first, past = self._step(emb, mask, pos, shared, {n: self._zeros(rows, 0) for n in self.kv_names})
         assert first.argmax.shape[0] == rows
@@ -165,6 +173,8 @@ class Decoder:
                     gen[:, step] = digits[o.digit_argmax[:, j]]
                 forced += o.argmax[:, j] != gen[:, step]
 
+        watch.count("persons", image_embeds.shape[0])  # each person's rows: suffix prefill + 5 decode passes
+        watch.count("person_passes", 6 * image_embeds.shape[0])
         with watch.stage("decode"):
             k = out.argmax.shape[1]  # the prefill's last k positions: ..., ▁[, 0, . → steps first[0]-k+1 ..
             take(out, first[0] - k + 1)

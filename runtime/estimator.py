@@ -25,8 +25,9 @@ from .preprocess import CropSpec, crop_at_center_scale, crop_persons, ensure_rgb
 from .keypoint_sets import resolve_keypoints
 from .prompts import PromptTokenizer
 from .results import PersonResult, person_result
+from .speculative import draft_digits, speculative
 
-DECODINGS = ("template", "free")
+DECODINGS = ("template", "free", "speculative")
 # None: the bundle's 17; a set name (runtime.keypoint_sets); or (name, description) pairs
 Keypoints = str | Sequence[tuple[str, str]] | None
 CUSTOM_PROMPT_CACHE = 256  # custom keypoint sets whose tokenized prompts are kept
@@ -54,7 +55,7 @@ class Estimator:
         self.manifest: Manifest = load_manifest(self.bundle, verify=cfg.verify)
         m = self.manifest
         variant = m.variant(cfg.precision)
-        if cfg.decoding == "template" and (m.prompts.answer_template_ids is None or m.prompts.digit_ids is None):
+        if cfg.decoding in ("template", "speculative") and (m.prompts.answer_template_ids is None or m.prompts.digit_ids is None):
             raise InputError("this bundle's tokenizer does not split the answer one character per token; "
                              "template decoding is unavailable — use decoding='free'")
         engines = {e.graph: e for e in variant.engines}
@@ -95,6 +96,7 @@ class Estimator:
         # custom keypoint sets → suffix ids, least recently used first; bounded, as a server's clients choose them
         self._custom: dict[tuple[tuple[str, str], ...], list[list[int]]] = {}
         self.last_timings: dict[str, float] = {}
+        self.last_counts: dict[str, int] = {}
 
     def _trt_ep_settings(self, variant) -> dict:
         """TensorRT EP: the bundle's profiles; engines cached per bundle (manifest hash) in the user cache dir."""
@@ -134,12 +136,18 @@ class Estimator:
 
     # -- inference -----------------------------------------------------------------------------------------------
     def estimate(self, image, boxes: Sequence[Sequence[float]], keypoints: Keypoints = None,
-                 watch: Stopwatch | None = None) -> list[PersonResult]:
-        """Keypoints of every person box ([x, y, w, h] in image pixels, sanitised as LocLLM does) of one image."""
+                 watch: Stopwatch | None = None, drafts: Sequence[PersonResult | None] | None = None
+                 ) -> list[PersonResult]:
+        """Keypoints of every person box ([x, y, w, h] in image pixels, sanitised as LocLLM does) of one image.
+
+        `drafts` (speculative decoding): per box, last frame's result for that person (or None); its answers are
+        only a draft, verified by the model — the output equals template decoding's whatever the drafts."""
         watch = watch or Stopwatch()
+        if drafts is not None and len(drafts) != len(boxes):
+            raise InputError(f"{len(drafts)} drafts for {len(boxes)} boxes: expected one (or None) per box")
         with watch.stage("preprocess"):
             pixel_values, crops = crop_persons(ensure_rgb(image), boxes, self.crop_spec)
-        return self._estimate(pixel_values, [(c.center, c.scale) for c in crops], boxes, keypoints, watch)
+        return self._estimate(pixel_values, [(c.center, c.scale) for c in crops], boxes, keypoints, watch, drafts)
 
     def estimate_records(self, image, records: Sequence[PersonRecord],
                          keypoints: Keypoints = None,
@@ -160,8 +168,8 @@ class Estimator:
         pixel values, (center, scale) per person for the back-projection, and the boxes to report."""
         return self._estimate(pixel_values, list(affines), boxes, keypoints, watch or Stopwatch())
 
-    def _estimate(self, pixel_values: np.ndarray, affines: list, boxes, keypoints, watch: Stopwatch
-                  ) -> list[PersonResult]:
+    def _estimate(self, pixel_values: np.ndarray, affines: list, boxes, keypoints, watch: Stopwatch,
+                  drafts: Sequence[PersonResult | None] | None = None) -> list[PersonResult]:
         names, suffixes = self.queries(keypoints)
         q = len(suffixes)
         # rows = persons × queries within max_batch, and never more persons than the graphs/engines take
@@ -171,16 +179,28 @@ class Estimator:
             chunk = slice(start, start + per_batch)
             with watch.stage("vision"):
                 embeds = self.vision({"pixel_values": pixel_values[chunk]})["image_embeds"]
-            decoded = self.decode(np.asarray(embeds), suffixes, watch)
+            draft = None if drafts is None else self._drafts(drafts[chunk], q)
+            decoded = self.decode(np.asarray(embeds), suffixes, watch, draft)
             for i, (center, scale) in enumerate(affines[chunk]):
                 rows = slice(i * q, (i + 1) * q)
                 results.append(person_result(boxes[start + i], center, scale, self.crop_spec.crop_size,
                                              names, decoded.answers[rows], decoded.tokens[rows]))
         self.last_timings = dict(watch.seconds)
+        self.last_counts = dict(watch.counts)
         return results
 
-    def decode(self, image_embeds: np.ndarray, suffixes: list[list[int]], watch: Stopwatch) -> Decoded:
+    def _drafts(self, people: Sequence[PersonResult | None], q: int) -> np.ndarray:
+        """[persons × q, 6] digit indices from last frame's tokens (NO_DRAFT for a new person or keypoint set)."""
+        p = self.manifest.prompts
+        empty = [()] * q
+        tokens = [t for r in people for t in (r.tokens if r is not None and len(r.tokens) == q else empty)]
+        return draft_digits(tokens, p.digit_ids, p.digit_positions)
+
+    def decode(self, image_embeds: np.ndarray, suffixes: list[list[int]], watch: Stopwatch,
+               drafts: np.ndarray | None = None) -> Decoded:
         """Malformed answers never raise: they come back as score-0 keypoints with a flag (see answer.py)."""
+        if self.config.decoding == "speculative":
+            return speculative(self.decoder, image_embeds, suffixes, drafts, watch)
         if self.config.decoding == "template":
             return self.decoder.template(image_embeds, suffixes, watch)
         return self.decoder.free(image_embeds, suffixes, watch)

@@ -10,7 +10,7 @@ CKPT=${CKPT:-models/posellm-small}
 if [ ! -x "$VENV/bin/posellm-edge" ]; then
   python3 -m venv "$VENV"
   "$VENV/bin/python" -m pip install -q --upgrade pip
-  "$VENV/bin/python" -m pip install -q -e '.[export,bench]'
+  "$VENV/bin/python" -m pip install -q -e '.[export,bench,video]'
 fi
 PY="$VENV/bin/python"
 if ! "$PY" -c "import scipy" 2>/dev/null; then  # a venv made before MPII support: [bench] gained scipy
@@ -52,6 +52,11 @@ PY
 )
 "$CLI" run "$OUT/bundle" "${RUN_ARGS[@]}" --draw "$OUT/sample.png" --json "$OUT/sample.json"
 
+echo "== video: a 3 s synthetic walking figure, detector boxes, speculative digits (answers = template decoding's)"
+"$PY" -m training.data.video --out "$OUT/video" --seconds 3 --fps 10
+"$CLI" run "$OUT/bundle" --video "$OUT/video/video.mp4" --detections "$OUT/video/detections.json" --det-score 0.5 \
+  --out "$OUT/video/pose.mp4" --json "$OUT/video/pose.jsonl"
+
 echo "== eval: reference vs every variant (fp32, fp16, int8, int4, int8wo × free, template)"
 "$CLI" eval --checkpoint "$CKPT" --bundle "$OUT/bundle" --coco "$ANN" --images "$IMAGES" --out "$OUT/eval.json"
 
@@ -64,4 +69,4 @@ echo "== bench: latency / throughput / memory, reference baseline in the same ru
 "$CLI" bench "$OUT/bundle" --checkpoint "$CKPT" --coco "$ANN" --images "$IMAGES" --eval "$OUT/eval.json" \
   --eval "$OUT/eval_mpii.json" --out "$OUT/bench.json" --plot "$OUT/bench.png"
 
-echo "== done in $(( $(date +%s) - start ))s: $OUT/{sample.png,eval.md,eval_mpii.md,bench.json,bench.png}"
+echo "== done in $(( $(date +%s) - start ))s: $OUT/{sample.png,eval.md,eval_mpii.md,bench.json,bench.png,video/pose.mp4,video/pose.jsonl}"

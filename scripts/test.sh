@@ -6,5 +6,5 @@ cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
 [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
 "$VENV/bin/python" -m pip install -q --upgrade pip
-"$VENV/bin/python" -m pip install -q -e '.[export,dev,serve]'
+"$VENV/bin/python" -m pip install -q -e '.[export,dev,serve,video]'
 exec "$VENV/bin/python" -m pytest -q "$@"

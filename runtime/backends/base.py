@@ -71,6 +71,10 @@ class Stopwatch:
 
     def __init__(self) -> None:
         self.seconds: dict[str, float] = {}
+        self.counts: dict[str, int] = {}  # decoder passes, draft digits offered/accepted (speculative decoding)
+
+    def count(self, name: str, n: int = 1) -> None:
+        self.counts[name] = self.counts.get(name, 0) + int(n)
 
     def stage(self, name: str) -> "_Stage":
         return _Stage(self, name)

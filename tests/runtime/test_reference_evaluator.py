@@ -53,8 +53,10 @@ class ReferenceRunner(GraphRunner):
 
 # fp16 free decoding of the random tiny model meets near-ties that numpy's fp16 matmul and onnxruntime's round
 # differently (1 of 51 keypoints diverges at its 9th token): there the sequences are compared by their first token.
+# speculative (no drafts: every row verifies windows of up to K tokens, left-padded and masked per row)
 @pytest.mark.parametrize("precision,decoding,whole", [("fp32", "template", True), ("fp32", "free", True),
-                                                      ("fp16", "template", True), ("fp16", "free", False)])
+                                                      ("fp16", "template", True), ("fp16", "free", False),
+                                                      ("fp32", "speculative", True)])
 def test_reference_evaluator_gives_onnxruntime_answers(tiny_bundle, monkeypatch, decoding, precision, whole):
     image = tiny.random_image(4)
     want = Estimator(tiny_bundle, precision=precision, decoding=decoding, max_batch=34).estimate(image, BOXES)

@@ -1,0 +1,119 @@
+"""`posellm-edge bench BUNDLE [BUNDLE ...] --video [IN.mp4 --detections DETS.json] --out VIDEO_BENCH.json`:
+ms/person of template vs speculative decoding on a video, every (bundle, decoding) in turn on each frame.
+
+All frames are decoded up front (video decoding is not timed) and every estimator gets the same boxes per frame
+(the detections, default: the synthetic walking-figure video and its ground-truth boxes), so the answers must be
+identical: the report counts identical keypoints and the max score difference against the first estimator.
+Each speculative estimator drafts from its own previous frame. The order of the estimators rotates per frame, so
+on a shared machine every one sees the same load. Warm-up frames are excluded. Pass a bundle exported with
+`--logits-positions 12` to verify the whole draft in the suffix prefill (see runtime/speculative.py).
+"""
+from __future__ import annotations
+
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from runtime.backends.base import Stopwatch
+from runtime.detections import read_detections
+from runtime.estimator import Estimator
+from runtime.manifest import load_manifest
+from runtime.results import write_json
+from runtime.stream import StreamSummary
+from runtime.video import VideoSource
+
+from .bench import STAGES, _pct, environment
+
+
+@dataclass(frozen=True)
+class VideoBenchConfig:
+    bundles: tuple[Path, ...]
+    video: Path | None = None  # None: the synthetic walking figure (training/data/video.py), 3 s at 10 fps
+    detections: Path | None = None  # with --video: COCO results, image_id = frame index
+    det_score: float = 0.5
+    precision: str = "fp32"
+    backend: str = "onnxruntime"
+    decodings: tuple[str, ...] = ("template", "speculative")
+    warmup: int = 2  # frames
+    max_frames: int | None = None
+    threads: int | None = None
+    out: Path | None = None
+
+
+def _load(cfg: VideoBenchConfig, tmp: Path) -> tuple[str, list[np.ndarray], list[list]]:
+    video, dets = cfg.video, cfg.detections
+    if video is None:
+        from training.data.video import VideoConfig, generate_video
+        root = generate_video(VideoConfig(), tmp / "video")
+        video, dets = root / "video.mp4", root / "detections.json"
+    if dets is None:
+        raise SystemExit("bench --video FILE needs --detections DETS.json (the same boxes for every decoding)")
+    detections = read_detections(dets, cfg.det_score)
+    source = VideoSource(video)
+    try:
+        frames = [f.rgb for f in source][: cfg.max_frames]
+    finally:
+        source.close()
+    boxes = [[d.box for d in detections.get(i, [])] for i in range(len(frames))]
+    return str(video), frames, boxes
+
+
+def video_benchmark(cfg: VideoBenchConfig, log=print) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        video, frames, boxes = _load(cfg, Path(tmp))
+    runs = [(b, d) for b in cfg.bundles for d in cfg.decodings]
+    ests = [Estimator(b, precision=cfg.precision, backend=cfg.backend, decoding=d, threads=cfg.threads)
+            for b, d in runs]
+    last: list[list | None] = [None] * len(ests)
+    times: list[list[float]] = [[] for _ in ests]
+    summaries = [StreamSummary() for _ in ests]
+    stage_ms: list[dict[str, list[float]]] = [{s: [] for s in STAGES} for _ in ests]
+    same = total = 0
+    worst = 0.0
+    for i, (rgb, bx) in enumerate(zip(frames, boxes)):
+        if not bx:
+            continue
+        results: list = [None] * len(ests)
+        for j in np.roll(np.arange(len(ests)), -i):
+            watch = Stopwatch()
+            t0 = time.perf_counter()
+            drafts = last[j] if ests[j].config.decoding == "speculative" else None
+            results[j] = ests[j].estimate(rgb, bx, watch=watch, drafts=drafts)
+            dt = time.perf_counter() - t0
+            last[j] = results[j]
+            if i >= cfg.warmup:
+                times[j].append(dt / len(bx))
+                summaries[j].add(watch)
+                summaries[j].persons += len(bx)
+                summaries[j].frames += 1
+                summaries[j].estimate_seconds += dt
+                for s in STAGES:
+                    stage_ms[j][s].append(watch.seconds.get(s, 0.0) / len(bx))
+        for r in results[1:]:
+            for a, b in zip(results[0], r):
+                same += sum(x == y for x, y in zip(a.tokens, b.tokens))
+                total += len(a.tokens)
+                worst = max(worst, float(np.abs(a.keypoints[:, 2] - b.keypoints[:, 2]).max()))
+    rows = []
+    for (bundle, decoding), t, s, st in zip(runs, times, summaries, stage_ms):
+        sj = s.to_json()
+        rows.append({"bundle": str(bundle), "logits_positions": load_manifest(bundle, verify=False).dims.logits_positions,
+                     "decoding": decoding, "ms_per_person": _pct(t), "ms_per_person_mean": 1e3 * float(np.mean(t)),
+                     "stages_ms_mean": {k: round(1e3 * float(np.mean(v)), 3) for k, v in st.items()},
+                     "passes_per_person": sj["passes_per_person"], "draft_acceptance": sj["draft_acceptance"]})
+    base = rows[0]["ms_per_person"]["p50"]
+    for r in rows:
+        r["speedup_p50_vs_first"] = round(base / r["ms_per_person"]["p50"], 3)
+        log(f"{Path(r['bundle']).name} (K={r['logits_positions']}) {r['decoding']:<11} p50 "
+            f"{r['ms_per_person']['p50']:.1f} ms/person, {r['speedup_p50_vs_first']:.2f}x, "
+            f"{r['passes_per_person']:.2f} passes/person, acceptance {r['draft_acceptance']}")
+    report = {"video": video, "frames": len(frames), "warmup_frames": cfg.warmup, "precision": cfg.precision,
+              "backend": cfg.backend, "identical_keypoints": same, "compared_keypoints": total,
+              "identical": same == total, "max_score_diff": worst, "results": rows, "environment": environment()}
+    log(f"answers: {same}/{total} keypoints token-identical to the first estimator, max score diff {worst:.2e}")
+    if cfg.out is not None:
+        write_json(cfg.out, report)
+    return report
