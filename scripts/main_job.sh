@@ -13,8 +13,8 @@ if [ ! -x "$VENV/bin/posellm-edge" ]; then
   "$VENV/bin/python" -m pip install -q -e '.[export,bench,video]'
 fi
 PY="$VENV/bin/python"
-if ! "$PY" -c "import scipy" 2>/dev/null; then  # a venv made before MPII support: [bench] gained scipy
-  "$PY" -m pip install -q -e '.[export,bench]'
+if ! "$PY" -c "import scipy, av" 2>/dev/null; then  # a venv made before MPII (scipy) and video (PyAV) support
+  "$PY" -m pip install -q -e '.[export,bench,video]'
 fi
 CLI="$VENV/bin/posellm-edge"
 mkdir -p "$OUT"
