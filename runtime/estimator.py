@@ -2,7 +2,8 @@
 
 Per image: crop + normalise every person, run the vision graph once per person (not once per prompt), then decode
 all persons × keypoints in batches of at most `max_batch` sequences. Thread-safe: the estimator holds no per-call
-state, and onnxruntime sessions (like TensorRT contexts guarded in their runner) accept concurrent calls.
+state (each call's stage timings come back with its result, `Estimate.timings`), and onnxruntime sessions (like
+TensorRT contexts guarded in their runner) accept concurrent calls.
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from .profiles import engine_profiles
 from .coco import PersonRecord
 from .preprocess import CropSpec, crop_at_center_scale, crop_persons, ensure_rgb
 from .prompts import PromptTokenizer
-from .results import PersonResult, person_result
+from .results import Estimate, PersonResult, person_result
 
 DECODINGS = ("template", "free")
 
@@ -81,7 +82,6 @@ class Estimator:
                              f"{engine_rows} sequences); rebuild with a larger `posellm-edge build --max-persons`")
         self._lock = threading.Lock()  # guards only the lazily built custom-prompt cache
         self._custom: dict[tuple[tuple[str, str], ...], list[list[int]]] = {}
-        self.last_timings: dict[str, float] = {}
 
     def _trt_ep_settings(self, variant) -> dict:
         """TensorRT EP: the bundle's profiles; engines cached per bundle (manifest hash) in the user cache dir."""
@@ -107,34 +107,38 @@ class Estimator:
 
     # -- inference -----------------------------------------------------------------------------------------------
     def estimate(self, image, boxes: Sequence[Sequence[float]], keypoints: Sequence[tuple[str, str]] | None = None,
-                 watch: Stopwatch | None = None) -> list[PersonResult]:
-        """Keypoints of every person box ([x, y, w, h] in image pixels, sanitised as LocLLM does) of one image."""
+                 watch: Stopwatch | None = None) -> Estimate:
+        """Keypoints of every person box ([x, y, w, h] in image pixels, sanitised as LocLLM does) of one image;
+        the result's `timings` are this call's seconds per stage (also added to `watch` when one is given)."""
         watch = watch or Stopwatch()
+        before = dict(watch.seconds)
         with watch.stage("preprocess"):
             pixel_values, crops = crop_persons(ensure_rgb(image), boxes, self.crop_spec)
-        return self._estimate(pixel_values, [(c.center, c.scale) for c in crops], boxes, keypoints, watch)
+        return self._estimate(pixel_values, [(c.center, c.scale) for c in crops], boxes, keypoints, watch, before)
 
     def estimate_records(self, image, records: Sequence[PersonRecord],
                          keypoints: Sequence[tuple[str, str]] | None = None,
-                         watch: Stopwatch | None = None) -> list[PersonResult]:
+                         watch: Stopwatch | None = None) -> Estimate:
         """COCO GT persons: crop from each record's centre/scale (its box is already sanitised — not twice)."""
         watch = watch or Stopwatch()
+        before = dict(watch.seconds)
         with watch.stage("preprocess"):
             rgb = ensure_rgb(image)
             pixel_values = np.stack([crop_at_center_scale(rgb, r.center, r.scale, self.crop_spec)
                                      for r in records])
         return self._estimate(pixel_values, [(r.center, r.scale) for r in records], [r.box for r in records],
-                              keypoints, watch)
+                              keypoints, watch, before)
 
     def estimate_crops(self, pixel_values: np.ndarray, affines: list, boxes: Sequence[Sequence[float]],
                        keypoints: Sequence[tuple[str, str]] | None = None, watch: Stopwatch | None = None
-                       ) -> list[PersonResult]:
+                       ) -> Estimate:
         """Persons already cropped (possibly from several images, as a server batches them): [N, 3, S, S]
         pixel values, (center, scale) per person for the back-projection, and the boxes to report."""
-        return self._estimate(pixel_values, list(affines), boxes, keypoints, watch or Stopwatch())
+        watch = watch or Stopwatch()
+        return self._estimate(pixel_values, list(affines), boxes, keypoints, watch, dict(watch.seconds))
 
-    def _estimate(self, pixel_values: np.ndarray, affines: list, boxes, keypoints, watch: Stopwatch
-                  ) -> list[PersonResult]:
+    def _estimate(self, pixel_values: np.ndarray, affines: list, boxes, keypoints, watch: Stopwatch,
+                  before: dict[str, float]) -> Estimate:
         names, suffixes = self.queries(keypoints)
         q = len(suffixes)
         # rows = persons × queries within max_batch, and never more persons than the graphs/engines take
@@ -149,8 +153,8 @@ class Estimator:
                 rows = slice(i * q, (i + 1) * q)
                 results.append(person_result(boxes[start + i], center, scale, self.crop_spec.crop_size,
                                              names, decoded.answers[rows], decoded.tokens[rows]))
-        self.last_timings = dict(watch.seconds)
-        return results
+        # this call's share of `watch` (a caller's watch may already hold earlier calls' seconds)
+        return Estimate(results, {k: v - before.get(k, 0.0) for k, v in watch.seconds.items()})
 
     def decode(self, image_embeds: np.ndarray, suffixes: list[list[int]], watch: Stopwatch) -> Decoded:
         """Malformed answers never raise: they come back as score-0 keypoints with a flag (see answer.py)."""

@@ -37,6 +37,16 @@ class PersonResult:
                 "keypoints": [float(v) for v in self.keypoints.reshape(-1)], "score": float(self.score)}
 
 
+class Estimate(list):
+    """What one `Estimator.estimate*` call returns: its `PersonResult`s (a plain list to every existing caller) and
+    that call's own seconds per stage (preprocess, vision, prefill, decode). The timings travel with the result
+    rather than living on the shared estimator, where concurrent callers would read each other's figures."""
+
+    def __init__(self, persons=(), timings: dict[str, float] | None = None) -> None:
+        super().__init__(persons)
+        self.timings: dict[str, float] = dict(timings or {})
+
+
 def person_result(box, center: np.ndarray, scale: np.ndarray, crop_size: int, names: list[str] | tuple[str, ...],
                   answers: list[KeypointAnswer], tokens: list[list[int]] | None = None) -> PersonResult:
     """Back-project every keypoint (absent ones too, from crop (0,0), exactly as LocLLM does)."""
