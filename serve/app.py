@@ -5,7 +5,7 @@
                     each person exactly `run --json`'s entry; `?tokens=true` adds the generated token ids
     GET  /healthz   the replica is alive
     GET  /readyz    the bundle is loaded and warmed up (503 until then)
-    GET  /v1/stats  this replica's batching counters (requests, batches, persons per batch)
+    GET  /v1/stats  this replica's batching counters (requests, batches, persons per batch) and the service's layout
 
 Bad input → 4xx with `{"error": "<one message>"}`; the failure of one request never fails the others of its batch.
 """
@@ -16,6 +16,7 @@ import os
 import time
 
 import numpy as np
+import ray
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from ray import serve
@@ -26,6 +27,7 @@ from runtime.estimator import Estimator, EstimatorConfig
 from . import payload
 from .batching import BatchPacer, Job, Outcome, run_jobs, split_request, total_persons
 from .config import ServeConfig
+from .layout import Layout
 
 log = logging.getLogger("posellm.serve")
 api = FastAPI(title="posellm-edge", description="language-guided pose estimation on person boxes")
@@ -66,8 +68,10 @@ def _error(status: int, message: str) -> JSONResponse:
 @serve.deployment(name="PoseService")
 @serve.ingress(api)
 class PoseService:
-    def __init__(self, config: ServeConfig) -> None:
+    def __init__(self, config: ServeConfig, layout: Layout | None = None) -> None:
         self.config = config
+        self.layout = layout  # replicas / threads / resources as `serve` resolved them (flags or the machine)
+        self.node_id = ray.get_runtime_context().get_node_id()  # where Ray placed this replica
         self.ready = False
         self.estimator = Estimator(config.bundle, EstimatorConfig(precision=config.precision, backend=config.backend,
                                                                   decoding=config.decoding, threads=config.threads))
@@ -116,7 +120,8 @@ class PoseService:
         batches = max(self.stats["batches"], 1)
         return {**self.stats, "mean_batch_persons": self.stats["persons"] / batches,
                 "mean_in_flight_at_batch_start": self.stats["in_flight_at_batch_start"] / batches,
-                "pid": os.getpid()}
+                "pid": os.getpid(), "node_id": self.node_id,
+                "layout": self.layout.to_json() if self.layout else None}
 
     # -- pose -----------------------------------------------------------------------------------------------------
     @api.post("/v1/pose")
@@ -195,10 +200,11 @@ class PoseService:
                                 "multipart/form-data")
 
 
-def build_app(config: ServeConfig):
-    """The bound application with the deployment layout of `config` (replicas or autoscaling, resources)."""
+def build_app(config: ServeConfig, layout: Layout):
+    """The bound application with `layout` (serve.layout.choose_layout: replicas or autoscaling, threads,
+    resources); `config` carries the same resolved values to the replicas."""
     options = dict(
-        ray_actor_options={"num_cpus": config.cpus_per_replica, "num_gpus": config.gpus_per_replica},
+        ray_actor_options={"num_cpus": layout.cpus_per_replica, "num_gpus": layout.gpus_per_replica},
         max_ongoing_requests=config.max_ongoing_requests,
         max_queued_requests=config.max_queued_requests,
         graceful_shutdown_timeout_s=config.graceful_shutdown_timeout_s,
@@ -212,8 +218,8 @@ def build_app(config: ServeConfig):
         options["autoscaling_config"] = {"min_replicas": lo, "max_replicas": hi,
                                          "target_ongoing_requests": config.max_persons_per_batch or 4}
     else:
-        options["num_replicas"] = config.replicas
-    return PoseService.options(**options).bind(config)
+        options["num_replicas"] = layout.replicas
+    return PoseService.options(**options).bind(config, layout)
 
 
 def http_options(config: ServeConfig) -> dict:
