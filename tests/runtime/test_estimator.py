@@ -214,7 +214,8 @@ def test_runtime_imports_without_torch():
             "sys.meta_path.insert(0, Block())\n"
             "import runtime.estimator, runtime.cli, runtime.backends.onnxruntime, posellm_edge.cli\n"
             "print('ok')\n")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tiny.REPO)
+    # bounded: an import on a loaded machine takes seconds, a hung child must fail, not stall the suite
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tiny.REPO, timeout=300)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
 
 

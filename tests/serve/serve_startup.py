@@ -1,11 +1,16 @@
 """Starting the Ray Serve app for a test on a machine that may be slow (other jobs on the same cores).
 
-Under load, Ray's start-up can lose a process — a worker that registers late, a Serve controller or proxy that
-misses a health check — and every test of a module then errors in its fixture (`ActorDiedError: The actor died
-unexpectedly before finishing this task`). So a service start here has generous Ray/Serve timeouts, waits until
-`/readyz` answers, and retries a start that failed for such an infrastructure reason a bounded number of times
-(fresh Ray, fresh port); a deterministic failure (the app's own error) is not retried. If every attempt fails, the
-test fails with each attempt's cause and the machine's load, never a bare Ray traceback.
+Seen on a loaded 2-core machine (issue 25): Ray's raylet waits at most ~15 s (not configurable in Ray 2.60) for
+its node's dashboard agent to write its port files; an agent that takes longer to import (38 s seen under load)
+makes the raylet abort, every actor of the node dies, and every test of a module errors in its fixture
+(`ActorDiedError: The actor died unexpectedly before finishing this task`). The raylet only waits for ports it was
+not given, so the test Ray is started as a one-node `ray.cluster_utils.Cluster` with every agent port given (picked
+free), and the service connects to it by address. Ray's Python side then gives the new raylet a fixed 30 s to
+register with the GCS (node.py, not configurable): under load (average 29 on 2 cores seen) that failed three
+attempts in a row, so here the registration check is retried for up to NODE_REGISTER_S. Besides: Ray's own
+worker/health timeouts raised, Serve's proxy checks relaxed, `/readyz` awaited, and a start that failed for an infrastructure reason retried a bounded number of
+times (fresh Ray, fresh port); a deterministic failure (the app's own error) is not retried. If every attempt fails
+the test fails with each attempt's cause and the machine's load, never a bare Ray traceback.
 """
 from __future__ import annotations
 
@@ -24,6 +29,8 @@ ATTEMPTS = 3
 STARTUP_TIMEOUT_S = 600.0  # per attempt: Ray, Serve, the replicas' bundle load and warm-up
 READY_TIMEOUT_S = 120.0  # after Serve reports RUNNING, until the HTTP proxy answers /readyz
 HTTP_TIMEOUT_S = 120.0  # any single request of a test (a 2-core machine shared with training runs)
+NODE_REGISTER_S = 300.0  # how long a new raylet may take to register with the GCS
+BACKOFF_S = 20.0  # before attempt n+1: n x this (the load that broke attempt n may pass)
 
 # Ray's own start-up timeouts, raised: a worker process may take a minute to import on a loaded machine
 RAY_SYSTEM_CONFIG = {"worker_register_timeout_seconds": 300, "health_check_timeout_ms": 60_000,
@@ -46,14 +53,66 @@ def _cause(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {lines[0][:300] if lines else ''}"
 
 
-def _shutdown() -> None:
-    """Whatever a failed attempt left: Serve, then the Ray this process started."""
+def _child_pids() -> set[int]:
+    import psutil
+    return {p.pid for p in psutil.Process().children(recursive=True)}
+
+
+def _end_new_children(before: set[int]) -> None:
+    """Processes this test process started since `before` (a node whose start failed is never handed back, so
+    its GCS, monitor, dashboard would run on, loading the machine, until pytest exits): terminate, then kill."""
+    import psutil
+    new = [p for p in psutil.Process().children(recursive=True) if p.pid not in before]
+    for p in new:
+        with contextlib.suppress(psutil.Error):
+            p.terminate()
+    _, alive = psutil.wait_procs(new, timeout=15)
+    for p in alive:
+        with contextlib.suppress(psutil.Error):
+            p.kill()
+
+
+def _shutdown(cluster) -> None:
+    """Whatever an attempt left: Serve, this driver's connection, then the cluster's processes."""
     import ray
     from ray import serve
     with contextlib.suppress(Exception):  # noqa: BLE001 - best effort on a half-started Ray
         serve.shutdown()
     with contextlib.suppress(Exception):
         ray.shutdown()
+    if cluster is not None:
+        with contextlib.suppress(Exception):
+            cluster.shutdown()
+
+
+def patient_node_registration(env: pytest.MonkeyPatch) -> None:
+    """Ray's `Node` polls `services.get_node` for 30 s, then aborts the node; make each poll wait longer instead."""
+    import ray._private.services as services
+    get_node = getattr(services, "get_node", None)
+    if get_node is None:  # another Ray: its own start-up rules apply
+        return
+
+    def patient(*args, **kwargs):
+        deadline = time.monotonic() + NODE_REGISTER_S
+        while True:
+            try:
+                return get_node(*args, **kwargs)
+            except RuntimeError:  # "GCS cannot find the node ...": not registered yet
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(1.0)
+
+    env.setattr(services, "get_node", patient)
+
+
+def local_cluster(num_cpus: int):
+    """A one-node Ray on this machine whose raylet is given every agent port, so it never waits for them."""
+    from ray.cluster_utils import Cluster
+    ports = {name: free_loopback_port() for name in ("metrics_agent_port", "metrics_export_port",
+                                                      "dashboard_agent_listen_port", "runtime_env_agent_port")}
+    return Cluster(initialize_head=True, head_node_args=dict(
+        num_cpus=num_cpus, include_dashboard=False, object_store_memory=256 * 2**20,
+        _system_config=RAY_SYSTEM_CONFIG, **ports))
 
 
 def wait_ready(url: str, timeout_s: float = READY_TIMEOUT_S) -> None:
@@ -76,25 +135,31 @@ def running_service(config: ServeConfig, num_cpus: int = 2, attempts: int = ATTE
     """Start the app on a fresh local Ray (bounded retries, see the module docstring), yield its URL, stop it."""
     from serve.cli import start, stop
     causes: list[str] = []
-    url = None
+    url = cluster = None
     for attempt in range(1, attempts + 1):
         t0 = time.monotonic()
+        before = _child_pids()
         try:
-            with pytest.MonkeyPatch.context() as env:
+            with pytest.MonkeyPatch.context() as env:  # Ray's processes inherit it when they start
                 for k, v in SERVE_ENV.items():
                     env.setenv(k, v)
-                url = start(config, {"num_cpus": num_cpus, "include_dashboard": False, "log_to_driver": False,
-                                     "_system_config": RAY_SYSTEM_CONFIG},
+                patient_node_registration(env)
+                cluster = local_cluster(num_cpus)
+                url = start(dataclasses.replace(config, address=cluster.address), {"log_to_driver": False},
                             say=print, startup_timeout_s=STARTUP_TIMEOUT_S)
             wait_ready(url)
             break
         except Exception as exc:  # noqa: BLE001 - classified below; the cause goes into the failure message
             causes.append(f"attempt {attempt} ({time.monotonic() - t0:.0f}s): {_cause(exc)}")
             print(f"service start failed: {causes[-1]}")
-            _shutdown()
+            _shutdown(cluster)
+            _end_new_children(before)
+            cluster = None
             if not _retryable(exc):
                 pytest.fail(f"the serve app failed to start (not retried: the app's own error): {causes[-1]}")
             config = dataclasses.replace(config, port=free_loopback_port())  # the old port may be held
+            if attempt < attempts:
+                time.sleep(BACKOFF_S * attempt)
     else:
         pytest.fail(f"Ray Serve did not come up in {attempts} attempts on this machine (load average "
                     f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs): " + "; ".join(causes))
@@ -102,7 +167,7 @@ def running_service(config: ServeConfig, num_cpus: int = 2, attempts: int = ATTE
         yield url
     finally:
         try:
-            stop(shutdown_ray=True)
+            stop(shutdown_ray=False)  # the app only: the cluster is this helper's to end
         except Exception as exc:  # noqa: BLE001 - a teardown error must not hide the tests' own results
-            print(f"service stop failed ({_cause(exc)}); shutting Ray down")
-            _shutdown()
+            print(f"service stop failed ({_cause(exc)})")
+        _shutdown(cluster)
