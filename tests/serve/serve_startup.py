@@ -1,16 +1,18 @@
 """Starting the Ray Serve app for a test on a machine that may be slow (other jobs on the same cores).
 
-Seen on a loaded 2-core machine (issue 25): Ray's raylet waits at most ~15 s (not configurable in Ray 2.60) for
-its node's dashboard agent to write its port files; an agent that takes longer to import (38 s seen under load)
-makes the raylet abort, every actor of the node dies, and every test of a module errors in its fixture
-(`ActorDiedError: The actor died unexpectedly before finishing this task`). The raylet only waits for ports it was
-not given, so the test Ray is started as a one-node `ray.cluster_utils.Cluster` with every agent port given (picked
-free), and the service connects to it by address. Ray's Python side then gives the new raylet a fixed 30 s to
-register with the GCS (node.py, not configurable): under load (average 29 on 2 cores seen) that failed three
-attempts in a row, so here the registration check is retried for up to NODE_REGISTER_S. Besides: Ray's own
-worker/health timeouts raised, Serve's proxy checks relaxed, `/readyz` awaited, and a start that failed for an infrastructure reason retried a bounded number of
-times (fresh Ray, fresh port); a deterministic failure (the app's own error) is not retried. If every attempt fails
-the test fails with each attempt's cause and the machine's load, never a bare Ray traceback.
+Seen on a loaded 2-core machine (issue 25): Ray 2.60's raylet waits a fixed ~15 s for its node's dashboard agent (a
+Python process) to write its port files, and aborts when the agent imports slower (38 s seen under load); every
+actor of the node dies and every test of a module errors in its fixture (`ActorDiedError: The actor died
+unexpectedly before finishing this task`). Given ports are not waited for, so the test Ray is a one-node
+`ray.cluster_utils.Cluster` with every agent port it accepts given (picked free) and the service connects to it by
+address — but the agent's listen-port file is always awaited, so on a machine loaded enough Ray cannot start at all.
+Ray's Python side also gives a new raylet a fixed 30 s to register with the GCS (node.py): here that check is
+retried for up to NODE_REGISTER_S, and given up at once when the raylet's log shows it aborted. Besides: Ray's own
+worker/health timeouts raised, Serve's proxy checks relaxed, `/readyz` awaited, and a start that failed for an
+infrastructure reason retried a bounded number of times with back-off (fresh Ray, fresh port; the processes a failed
+attempt started are ended); a deterministic failure (the app's own error) is not retried. If every attempt fails
+the test fails with each attempt's cause and the machine's load — or skips with that message when every attempt
+died of the raylet's agent timer (Ray cannot start on this machine now: not the code under test).
 """
 from __future__ import annotations
 

@@ -115,7 +115,11 @@ def token_cluster():
         nodes.append(node)
         t0 = time.monotonic()
         if node.wait_for("Ray runtime started", NODE_START_S) is None:
-            pytest.skip(f"the Ray {node.name} did not start within {NODE_START_S:.0f}s here (load average "
+            logs = Path(temp, "session_latest", "logs")
+            aborted = any("WaitForDashboardAgent" in f.read_text(errors="replace") for f in logs.glob("raylet*.out"))
+            why = ("its raylet aborted: the dashboard agent did not report its port within Ray's fixed ~15 s; "
+                   if aborted else "")
+            pytest.skip(f"the Ray {node.name} did not start within {NODE_START_S:.0f}s here ({why}load average "
                         f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs; exit {node.p.poll()}): {node.tail()}")
         print(f"{node.name} up in {time.monotonic() - t0:.0f}s")
 

@@ -109,3 +109,28 @@ def test_other_connection_failures_keep_rays_reason():
     msg = connect_error("10.0.0.9:6379", ConnectionError("Failed to connect to Ray cluster at 10.0.0.9:6379"))
     assert msg == ("--address 10.0.0.9:6379: cannot connect to the Ray cluster: ConnectionError: Failed to connect to "
                    "Ray cluster at 10.0.0.9:6379")
+
+
+def test_a_replica_loads_with_the_layout_and_reports_it(small_bundle, monkeypatch):
+    """The deployment's own class (no Ray started): the resolved threads reach its Estimator, /v1/stats carries the
+    layout and the node Ray placed it on, and the app binds with the layout's resources."""
+    import ray
+
+    from serve.app import PoseService, build_app
+    from serve.cli import resolved
+
+    class Context:
+        def get_node_id(self) -> str:
+            return "node-a"
+
+    monkeypatch.setattr(ray, "get_runtime_context", lambda: Context())
+    cfg = ServeConfig(bundle=small_bundle)
+    layout = choose_layout(cfg, [_node(2)], variant_bytes(small_bundle, "fp32", "onnxruntime"))
+    assert build_app(resolved(cfg, layout), layout) is not None
+    # Serve's ingress wraps the class in a subclass; the replica's own code is the class it wraps
+    replica_cls = next(c for c in PoseService.func_or_class.__mro__ if c.__module__ == "serve.app")
+    replica = replica_cls(resolved(cfg, layout), layout)
+    stats = replica.stats_endpoint()
+    print(stats["layout"], stats["node_id"])
+    assert stats["layout"] == layout.to_json() and stats["node_id"] == "node-a"
+    assert replica.estimator.config.threads == 1 and replica.readyz()["ready"] is True
