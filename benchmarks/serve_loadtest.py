@@ -10,6 +10,9 @@
 
     python -m benchmarks.serve_loadtest --bundle out/bundle --coco out/val/person_keypoints.json \
         --images out/val/images --out benchmarks/results/serve-loadtest.json
+
+Without --replicas/--threads the service lays itself out as `posellm-edge serve` does with no flags (serve/layout.py);
+the layout it chose is in the report (`layout`).
 """
 from __future__ import annotations
 
@@ -158,8 +161,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=3, help="sequential/concurrent pairs, alternated")
     p.add_argument("--clients", type=int, default=8)
     p.add_argument("--batch-wait-ms", type=float, default=10.0)
-    p.add_argument("--replicas", type=int, default=1)
-    p.add_argument("--threads", type=int, default=None, help="onnxruntime threads per replica")
+    p.add_argument("--replicas", type=int, default=None, help="default: chosen from the machine, as `serve` does")
+    p.add_argument("--threads", type=int, default=None,
+                   help="onnxruntime threads per replica (default: chosen from the machine; 0: onnxruntime's)")
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args(argv)
 
@@ -174,17 +178,19 @@ def main(argv: list[str] | None = None) -> int:
                     "dataset": {"coco": str(args.coco), "images": len(requests),
                                 "persons": sum(len(r.boxes) for r in requests)}}
     t0 = time.perf_counter()
-    url = start(config, {"num_cpus": os.cpu_count(), "include_dashboard": False})
+    url = start(config, {"num_cpus": os.cpu_count(), "include_dashboard": False}, say=print)
     report["startup_s"] = round(time.perf_counter() - t0, 1)
     try:
+        layout = stats(url)["layout"]
+        report["layout"] = layout
+        replicas = layout["replicas"]
         report["parity"] = parity(url, args.bundle, requests, args.images)
         print("parity", report["parity"], flush=True)
         report["estimator_batch_scaling"] = estimator_scaling(args.bundle, requests, args.images, 4.0, 3,
-                                                                      args.threads)
+                                                              layout["threads"])
         print("estimator", report["estimator_batch_scaling"], flush=True)
         run_load(url, requests, args.clients, 3.0)  # warm the HTTP path
-        report["throughput"] = throughput(url, requests, args.seconds, args.rounds, args.clients,
-                                          args.replicas)
+        report["throughput"] = throughput(url, requests, args.seconds, args.rounds, args.clients, replicas)
         tp = report["throughput"]
         print("throughput", tp["persons_per_s"], tp["ratio_concurrent_vs_sequential"], flush=True)
         report["replica_kill"] = replica_kill(url, requests, args.clients, 30.0, 20.0)

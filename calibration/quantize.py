@@ -31,7 +31,7 @@ from runtime.backends.onnxruntime import OrtRunner
 from runtime.decoding import Decoder
 from runtime.errors import InputError
 from runtime.manifest import GraphForm, GraphSpec, Manifest, Variant, load_manifest, sha256_file
-from runtime.memory import peak_rss_bytes
+from runtime.memory import current_rss_bytes, peak_rss_bytes, peak_rss_context
 from runtime.preprocess import CropSpec
 
 from .blockwise import BITS, BLOCK_SIZES, BlockQuantized, quantize_gptq, quantize_rtn
@@ -99,6 +99,7 @@ class QuantizeResult:
 
 def quantize_bundle(cfg: QuantizeConfig, log: Callable[[str], None] = print) -> QuantizeResult:
     start = time.perf_counter()
+    baseline_rss = current_rss_bytes()
     bundle = Path(cfg.bundle)
     manifest = load_manifest(bundle, verify=True)
     name = cfg.variant
@@ -194,6 +195,9 @@ def quantize_bundle(cfg: QuantizeConfig, log: Callable[[str], None] = print) -> 
             "sizes": decoder_sizes(bundle, fp16, tmp, {"onnxruntime": decoder_spec, "tensorrt": qdq_spec}),
             # the process's peak RSS so far (quantize's own when it runs alone, as the CLI does) and its seconds
             "peak_rss_bytes": peak_rss_bytes(), "seconds": round(time.perf_counter() - start, 2),
+            "baseline_rss_bytes": baseline_rss,  # RSS when quantize began: the floor of the peak
+            # the files this step writes for the variant (both decoder forms; vision and embedding are fp32's)
+            "bytes_written": sum(p.stat().st_size for p in tmp.rglob("*") if p.is_file()),
         }
         (tmp / "quantization.json").write_text(json.dumps(artifact, indent=1, sort_keys=True) + "\n")
         variant = Variant(
@@ -216,7 +220,9 @@ def quantize_bundle(cfg: QuantizeConfig, log: Callable[[str], None] = print) -> 
         if ratio is not None:
             log(f"{name} decoder ({form} form): {sizes[f'{form}_weight_bytes']} weight bytes = {ratio:.3f}x fp16")
     seconds = time.perf_counter() - start
-    log(f"{name} variant written in {seconds:.1f}s (peak RSS {artifact['peak_rss_bytes'] / 1e9:.2f} GB)")
+    written, peak = artifact["bytes_written"], artifact["peak_rss_bytes"]
+    log(f"{name} variant written in {seconds:.1f}s: {written / 1e6:.1f} MB written, peak RSS {peak / 1e9:.2f} GB "
+        f"({peak_rss_context(peak, written, baseline_rss)})")
     return QuantizeResult(bundle, manifest.variants[name], artifact, seconds)
 
 

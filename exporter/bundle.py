@@ -22,7 +22,7 @@ from runtime.errors import InputError
 from runtime.keypoints import standard_keypoints
 from runtime.manifest import (SCHEMA_VERSION, Dims, ExportStats, GraphSpec, KeypointPrompt, Manifest, Preprocess,
                               Prompts, Variant, sha256_file, write_manifest)
-from runtime.memory import peak_rss_bytes
+from runtime.memory import current_rss_bytes, peak_rss_bytes, peak_rss_context
 from runtime.preprocess import CLIP_MEAN, CLIP_STD, DINO_MEAN, DINO_STD
 from runtime.prompts import DIGIT_POSITIONS, PromptTokenizer
 
@@ -63,6 +63,7 @@ class ExportResult:
     bundle: Path
     seconds: float
     peak_rss_mb: float
+    baseline_rss_bytes: int  # this process's RSS when the export began (interpreter, torch): the floor of every peak
     validation: dict | None
     file_sizes: dict[str, int]
     variants: dict[str, ExportStats]  # per precision: bytes written, peak RSS, seconds
@@ -89,6 +90,7 @@ def _dims(c: PoseLLMConfig, k: int) -> Dims:
 
 def export_bundle(cfg: ExportConfig, log=print) -> ExportResult:
     start = time.perf_counter()
+    baseline_rss = current_rss_bytes()
     out = Path(cfg.out_dir)
     if not Path(cfg.checkpoint).exists():
         raise InputError(f"checkpoint {cfg.checkpoint} does not exist")
@@ -158,7 +160,7 @@ def export_bundle(cfg: ExportConfig, log=print) -> ExportResult:
                 precision=precision, embedding=emb,
                 vision=_prefixed(vspec, precision), decoder=_prefixed(dspec, precision), export=stats)
             log(f"{precision}: {stats.bytes / 1e9:.3f} GB written, peak RSS {stats.peak_rss_bytes / 1e9:.3f} GB "
-                f"({stats.peak_rss_bytes / stats.bytes:.2f}x the variant)")
+                f"({peak_rss_context(stats.peak_rss_bytes, stats.bytes, baseline_rss)})")
         validation = report(checks) if ref is not None else None
         if validation is not None:
             (tmp / "validation.json").write_text(json.dumps(validation, indent=1) + "\n")
@@ -184,7 +186,8 @@ def export_bundle(cfg: ExportConfig, log=print) -> ExportResult:
         raise
     sizes = {str(p.relative_to(out)): p.stat().st_size for p in sorted(out.rglob("*")) if p.is_file()}
     stats = {p: v.export for p, v in variants.items() if v.export is not None}
-    return ExportResult(out, time.perf_counter() - start, peak_rss_bytes() / 2**20, validation, sizes, stats)
+    return ExportResult(out, time.perf_counter() - start, peak_rss_bytes() / 2**20, baseline_rss, validation, sizes,
+                        stats)
 
 
 def _prefixed(spec: GraphSpec, precision: str) -> GraphSpec:

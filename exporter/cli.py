@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from runtime.memory import peak_rss_context
+
 from .bundle import PRECISIONS, ExportConfig, export_bundle
 
 
@@ -30,6 +32,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"  {name:<28} {size / 1e6:9.3f} MB")
     for precision, stats in result.variants.items():  # also in manifest.json: variants.<precision>.export
         print(f"  {precision}: {stats.bytes / 1e6:.1f} MB written, peak RSS {stats.peak_rss_bytes / 1e6:.1f} MB "
-              f"({stats.peak_rss_bytes / stats.bytes:.2f}x), export {stats.export_seconds:.1f}s"
+              f"({peak_rss_context(stats.peak_rss_bytes, stats.bytes, result.baseline_rss_bytes)}), "
+              f"export {stats.export_seconds:.1f}s"
               + ("" if stats.validation_seconds is None else f", validation {stats.validation_seconds:.1f}s"))
     return 0

@@ -2,7 +2,8 @@
 
 Per image: crop + normalise every person, run the vision graph once per person (not once per prompt), then decode
 all persons × keypoints in batches of at most `max_batch` sequences. Thread-safe: the estimator holds no per-call
-state, and onnxruntime sessions (like TensorRT contexts guarded in their runner) accept concurrent calls.
+state (each call's stage timings come back with its result, `Estimate.timings`), and onnxruntime sessions (like
+TensorRT contexts guarded in their runner) accept concurrent calls.
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from .coco import PersonRecord
 from .preprocess import CropSpec, crop_at_center_scale, crop_persons, ensure_rgb
 from .keypoint_sets import resolve_keypoints
 from .prompts import PromptTokenizer
-from .results import PersonResult, person_result
+from .results import Estimate, PersonResult, person_result
 from .speculative import draft_digits, speculative
 
 DECODINGS = ("template", "free", "speculative")
@@ -95,8 +96,6 @@ class Estimator:
         self._lock = threading.Lock()  # guards only the lazily built custom-prompt cache
         # custom keypoint sets → suffix ids, least recently used first; bounded, as a server's clients choose them
         self._custom: dict[tuple[tuple[str, str], ...], list[list[int]]] = {}
-        self.last_timings: dict[str, float] = {}
-        self.last_counts: dict[str, int] = {}
 
     def _trt_ep_settings(self, variant) -> dict:
         """TensorRT EP: the bundle's profiles; engines cached per bundle (manifest hash) in the user cache dir."""
@@ -137,39 +136,47 @@ class Estimator:
     # -- inference -----------------------------------------------------------------------------------------------
     def estimate(self, image, boxes: Sequence[Sequence[float]], keypoints: Keypoints = None,
                  watch: Stopwatch | None = None, drafts: Sequence[PersonResult | None] | None = None
-                 ) -> list[PersonResult]:
-        """Keypoints of every person box ([x, y, w, h] in image pixels, sanitised as LocLLM does) of one image.
+                 ) -> Estimate:
+        """Keypoints of every person box ([x, y, w, h] in image pixels, sanitised as LocLLM does) of one image;
+        the result's `timings` / `counts` are this call's seconds per stage and decoder counters (also added to
+        `watch` when one is given).
 
         `drafts` (speculative decoding): per box, last frame's result for that person (or None); its answers are
         only a draft, verified by the model — the output equals template decoding's whatever the drafts."""
         watch = watch or Stopwatch()
         if drafts is not None and len(drafts) != len(boxes):
             raise InputError(f"{len(drafts)} drafts for {len(boxes)} boxes: expected one (or None) per box")
+        before = (dict(watch.seconds), dict(watch.counts))
         with watch.stage("preprocess"):
             pixel_values, crops = crop_persons(ensure_rgb(image), boxes, self.crop_spec)
-        return self._estimate(pixel_values, [(c.center, c.scale) for c in crops], boxes, keypoints, watch, drafts)
+        return self._estimate(pixel_values, [(c.center, c.scale) for c in crops], boxes, keypoints, watch, before,
+                              drafts)
 
     def estimate_records(self, image, records: Sequence[PersonRecord],
                          keypoints: Keypoints = None,
-                         watch: Stopwatch | None = None) -> list[PersonResult]:
+                         watch: Stopwatch | None = None) -> Estimate:
         """COCO GT persons: crop from each record's centre/scale (its box is already sanitised — not twice)."""
         watch = watch or Stopwatch()
+        before = (dict(watch.seconds), dict(watch.counts))
         with watch.stage("preprocess"):
             rgb = ensure_rgb(image)
             pixel_values = np.stack([crop_at_center_scale(rgb, r.center, r.scale, self.crop_spec)
                                      for r in records])
         return self._estimate(pixel_values, [(r.center, r.scale) for r in records], [r.box for r in records],
-                              keypoints, watch)
+                              keypoints, watch, before)
 
     def estimate_crops(self, pixel_values: np.ndarray, affines: list, boxes: Sequence[Sequence[float]],
                        keypoints: Keypoints = None, watch: Stopwatch | None = None
-                       ) -> list[PersonResult]:
+                       ) -> Estimate:
         """Persons already cropped (possibly from several images, as a server batches them): [N, 3, S, S]
         pixel values, (center, scale) per person for the back-projection, and the boxes to report."""
-        return self._estimate(pixel_values, list(affines), boxes, keypoints, watch or Stopwatch())
+        watch = watch or Stopwatch()
+        return self._estimate(pixel_values, list(affines), boxes, keypoints, watch,
+                              (dict(watch.seconds), dict(watch.counts)))
 
     def _estimate(self, pixel_values: np.ndarray, affines: list, boxes, keypoints, watch: Stopwatch,
-                  drafts: Sequence[PersonResult | None] | None = None) -> list[PersonResult]:
+                  before: tuple[dict[str, float], dict[str, int]],
+                  drafts: Sequence[PersonResult | None] | None = None) -> Estimate:
         names, suffixes = self.queries(keypoints)
         q = len(suffixes)
         # rows = persons × queries within max_batch, and never more persons than the graphs/engines take
@@ -185,9 +192,10 @@ class Estimator:
                 rows = slice(i * q, (i + 1) * q)
                 results.append(person_result(boxes[start + i], center, scale, self.crop_spec.crop_size,
                                              names, decoded.answers[rows], decoded.tokens[rows]))
-        self.last_timings = dict(watch.seconds)
-        self.last_counts = dict(watch.counts)
-        return results
+        # this call's share of `watch` (a caller's watch may already hold earlier calls' figures)
+        seconds, counts = before
+        return Estimate(results, {k: v - seconds.get(k, 0.0) for k, v in watch.seconds.items()},
+                        {k: v - counts.get(k, 0) for k, v in watch.counts.items()})
 
     def _drafts(self, people: Sequence[PersonResult | None], q: int) -> np.ndarray:
         """[persons × q, 6] digit indices from last frame's tokens (NO_DRAFT for a new person or keypoint set)."""

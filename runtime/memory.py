@@ -23,3 +23,27 @@ def reset_peak_rss() -> None:
             f.write("5")
     except OSError:
         pass
+
+
+def current_rss_bytes() -> int:
+    """Resident memory now (VmRSS); 0 where /proc has no status file."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+# Below this a variant is smaller than the interpreter and its libraries (torch alone is ~0.4 GB resident): the
+# peak is the process, not the variant, and "peak / variant" (129x for the shipped small model) says nothing.
+RATIO_MIN_VARIANT_BYTES = 10**9
+
+
+def peak_rss_context(peak_bytes: int, variant_bytes: int, baseline_bytes: int) -> str:
+    """What a peak RSS is relative to, for a summary line: the variant's size where the variant is >= 1 GB
+    ("1.04x the variant"), otherwise the process's resident memory before the step began."""
+    if variant_bytes >= RATIO_MIN_VARIANT_BYTES:
+        return f"{peak_bytes / variant_bytes:.2f}x the variant"
+    return f"process baseline {baseline_bytes / 1e9:.3f} GB before this step; the variant is under 1 GB"

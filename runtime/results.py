@@ -37,6 +37,18 @@ class PersonResult:
                 "keypoints": [float(v) for v in self.keypoints.reshape(-1)], "score": float(self.score)}
 
 
+class Estimate(list):
+    """What one `Estimator.estimate*` call returns: its `PersonResult`s (a plain list to every existing caller) and
+    that call's own seconds per stage (preprocess, vision, prefill, decode) and decoder counters. The timings travel with the result
+    rather than living on the shared estimator, where concurrent callers would read each other's figures."""
+
+    def __init__(self, persons=(), timings: dict[str, float] | None = None, counts: dict[str, int] | None = None
+                 ) -> None:
+        super().__init__(persons)
+        self.timings: dict[str, float] = dict(timings or {})
+        self.counts: dict[str, int] = dict(counts or {})  # decoder passes, draft digits offered/accepted
+
+
 def person_result(box, center: np.ndarray, scale: np.ndarray, crop_size: int, names: list[str] | tuple[str, ...],
                   answers: list[KeypointAnswer], tokens: list[list[int]] | None = None) -> PersonResult:
     """Back-project every keypoint (absent ones too, from crop (0,0), exactly as LocLLM does)."""

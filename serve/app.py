@@ -1,10 +1,12 @@
 """The Ray Serve application: `PoseService` (service.py) as a deployment behind the FastAPI routes of routes.py,
 persons batched across requests by `@serve.batch`."""
 
+import ray
 from ray import serve
 
 from .batching import Job, Outcome, total_persons
 from .config import ServeConfig
+from .layout import Layout
 from .routes import build_api
 from .service import PoseService
 
@@ -18,8 +20,10 @@ def _replica_api():
 @serve.deployment(name="PoseService")
 @serve.ingress(_replica_api)
 class PoseDeployment(PoseService):
-    def __init__(self, config: ServeConfig) -> None:
+    def __init__(self, config: ServeConfig, layout: Layout | None = None) -> None:
         super().__init__(config)
+        self.layout = layout  # replicas / threads / resources as `serve` resolved them (flags or the machine)
+        self.node_id = ray.get_runtime_context().get_node_id()  # where Ray placed this replica
         self._batch.set_max_batch_size(self.max_persons)
         self._batch.set_batch_wait_timeout_s(self.pacer.min_wait_s)
 
@@ -33,10 +37,11 @@ class PoseDeployment(PoseService):
         return await self.run_batch(jobs)
 
 
-def build_app(config: ServeConfig):
-    """The bound application with the deployment layout of `config` (replicas or autoscaling, resources)."""
+def build_app(config: ServeConfig, layout: Layout):
+    """The bound application with `layout` (serve.layout.choose_layout: replicas or autoscaling, threads,
+    resources); `config` carries the same resolved values to the replicas."""
     options = dict(
-        ray_actor_options={"num_cpus": config.cpus_per_replica, "num_gpus": config.gpus_per_replica},
+        ray_actor_options={"num_cpus": layout.cpus_per_replica, "num_gpus": layout.gpus_per_replica},
         max_ongoing_requests=config.max_ongoing_requests,
         max_queued_requests=config.max_queued_requests,
         graceful_shutdown_timeout_s=config.graceful_shutdown_timeout_s,
@@ -50,8 +55,8 @@ def build_app(config: ServeConfig):
         options["autoscaling_config"] = {"min_replicas": lo, "max_replicas": hi,
                                          "target_ongoing_requests": config.max_persons_per_batch or 4}
     else:
-        options["num_replicas"] = config.replicas
-    return PoseDeployment.options(**options).bind(config)
+        options["num_replicas"] = layout.replicas
+    return PoseDeployment.options(**options).bind(config, layout)
 
 
 def http_options(config: ServeConfig) -> dict:

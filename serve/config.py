@@ -42,8 +42,9 @@ class ServeConfig:
     precision: str = "fp32"
     backend: str = "onnxruntime"
     decoding: str = "template"
-    threads: int | None = None  # onnxruntime intra-op threads per replica (default: onnxruntime's)
-    replicas: int = 1
+    # None: chosen from the nodes Ray sees (serve/layout.py); threads 0: onnxruntime's default
+    threads: int | None = None  # onnxruntime intra-op threads per replica
+    replicas: int | None = None
     autoscale: tuple[int, int] | None = None  # (min, max) replicas; replaces `replicas`
     host: str = "127.0.0.1"
     port: int = 8000
@@ -51,8 +52,8 @@ class ServeConfig:
     batch_wait_ms: float = 10.0  # how long a batch waits for more persons after its first request
     address: str | None = None  # existing Ray cluster ("HOST:6379" or "auto"); None: a fresh Ray in this process
     metrics_port: int | None = None  # Ray's Prometheus endpoint on a Ray started here (else Ray picks a port)
-    cpus_per_replica: float = 1.0
-    gpus_per_replica: float = 0.0
+    cpus_per_replica: float | None = None  # None: the replica's threads (CPU), 1 (GPU)
+    gpus_per_replica: float | None = None  # None: 1 on a GPU backend, else 0
     max_body_mb: float = 20.0  # larger bodies get 413 before they are read
     limits: RequestLimits = RequestLimits()  # what one request may hold: boxes, keypoints, JSON shape, pixels
     max_ongoing_requests: int = 64  # per replica; must exceed the batch so concurrent requests can meet
@@ -63,8 +64,14 @@ class ServeConfig:
     def __post_init__(self) -> None:
         if self.decoding not in DECODINGS:
             raise InputError(f"decoding={self.decoding!r}: expected one of {list(DECODINGS)}")
-        if self.replicas < 1:
-            raise InputError(f"replicas={self.replicas}: expected >= 1")
+        if self.replicas is not None and self.replicas < 1:
+            raise InputError(f"replicas={self.replicas}: expected >= 1 (or None: one per CPU core / GPU)")
+        if self.threads is not None and self.threads < 0:
+            raise InputError(f"threads={self.threads}: expected >= 1, 0 for onnxruntime's default, or None: chosen "
+                             "from the cores")
+        for name in ("cpus_per_replica", "gpus_per_replica"):
+            if getattr(self, name) is not None and getattr(self, name) < 0:
+                raise InputError(f"{name}={getattr(self, name)}: expected >= 0")
         if self.autoscale is not None and not 0 <= self.autoscale[0] <= self.autoscale[1] >= 1:
             raise InputError(f"autoscale={self.autoscale}: expected MIN,MAX with 0 <= MIN <= MAX and MAX >= 1")
         if self.max_persons_per_batch is not None and self.max_persons_per_batch < 1:

@@ -6,7 +6,7 @@ error answers. Ray-free: `build_api(get_service)` is the same app on Ray Serve (
                     each person exactly `run --json`'s entry; `?tokens=true` adds the generated token ids
     GET  /healthz   the replica is alive
     GET  /readyz    the bundle is loaded and warmed up (503 until then)
-    GET  /v1/stats  this replica's batching counters (requests, batches, persons per batch)
+    GET  /v1/stats  this replica's batching counters (requests, batches, persons per batch) and the service's layout
 
 Every 4xx is `{"error": "<one message>"}`, FastAPI's own (unknown route, wrong method, bad query value) included.
 """

@@ -61,6 +61,8 @@ async def _form(request: Request, body: bytes) -> "tuple[bytes, object, object]"
 class PoseService:
     def __init__(self, config: ServeConfig, estimator: Estimator | None = None) -> None:
         self.config = config
+        self.layout = None  # the deployment's serve.layout.Layout, set on a Ray replica
+        self.node_id: str | None = None  # the Ray node of that replica
         self.ready = False
         self.estimator = estimator or Estimator(
             config.bundle, EstimatorConfig(precision=config.precision, backend=config.backend,
@@ -105,7 +107,8 @@ class PoseService:
         batches = max(self.stats["batches"], 1)
         return {**self.stats, "mean_batch_persons": self.stats["persons"] / batches,
                 "mean_in_flight_at_batch_start": self.stats["in_flight_at_batch_start"] / batches,
-                "pid": os.getpid()}
+                "pid": os.getpid(), "node_id": self.node_id,
+                "layout": self.layout.to_json() if self.layout else None}
 
     # -- pose -----------------------------------------------------------------------------------------------------
     async def pose(self, request: Request, tokens: bool = False):

@@ -281,6 +281,9 @@ def test_validation_against_pytorch_and_artifact(int4_bundle):
     assert worst < quant  # the graph check is far tighter than the quantization error it would otherwise hide
     assert a["method"] == "rtn" and a["bits"] == 4 and a["lm_head"] is True
     assert a["sizes"]["onnxruntime_ratio_vs_fp16"] <= 0.35  # tiny graph: norms and scales weigh more than at 7B
+    # the summary line's context: the bytes this step wrote and the RSS it started from (the floor of the peak)
+    written = sum(p.stat().st_size for p in (bundle / "int4").iterdir() if p.name != "quantization.json")
+    assert a["bytes_written"] == written and 0 < a["baseline_rss_bytes"] <= a["peak_rss_bytes"]
 
 
 @pytest.fixture(scope="module")

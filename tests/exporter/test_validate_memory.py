@@ -64,7 +64,8 @@ def test_fp16_validation_session_holds_one_fp32_weight_at_a_time(tmp_path):
 
     def growth(setting: str) -> int:
         out = subprocess.run([sys.executable, "-c", PROBE, str(tmp_path / "chain.onnx"), setting], cwd=root,
-                             capture_output=True, text=True, check=True)
+                             capture_output=True, text=True, timeout=600)  # bounded: a hung probe fails the test
+        assert out.returncode == 0, f"memory probe ({setting}) exit {out.returncode}: {out.stderr[-2000:]}"
         return json.loads(out.stdout.strip().splitlines()[-1])["growth"]
 
     default, ours = growth("default"), growth("validation")

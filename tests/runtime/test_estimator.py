@@ -6,6 +6,7 @@ import json
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -104,6 +105,36 @@ def test_threads_match_sequential(tiny_bundle):
             assert a.tokens == b.tokens and np.array_equal(a.keypoints, b.keypoints)
 
 
+def test_timings_are_per_call_under_threads(tiny_bundle):
+    """Each call's `timings` are its own: four threads whose vision stage takes 0.1, 0.3, 0.5, 0.7 s (a sleep
+    wrapped around the shared runner) call one estimator at once, and every result carries its own thread's time."""
+    import threading
+    est = Estimator(tiny_bundle, decoding="template")
+    runner, delay = est.vision, threading.local()
+
+    def slow_vision(inputs, *args):
+        time.sleep(getattr(delay, "s", 0.0))
+        return runner(inputs, *args)
+
+    est.vision = slow_vision
+    delays = [0.1, 0.3, 0.5, 0.7]
+    start = threading.Barrier(len(delays))
+
+    def call(d: float) -> list[float]:
+        delay.s = d
+        start.wait()  # the calls overlap: a last-writer-wins attribute would be overwritten by the others
+        return [est.estimate(tiny.random_image(1), BOXES[:1]).timings["vision"] for _ in range(3)]
+
+    with concurrent.futures.ThreadPoolExecutor(len(delays)) as pool:
+        seen = dict(zip(delays, pool.map(call, delays)))
+    print({d: [round(t, 3) for t in ts] for d, ts in seen.items()})
+    for d, timings in seen.items():
+        # at least its own sleep, and less than the next-longer thread's (0.2 s apart; the graph itself takes ms)
+        assert all(d <= t < d + 0.2 for t in timings), (d, timings)
+    result = est.estimate(tiny.random_image(1), BOXES[:2])
+    assert isinstance(result, list) and len(result) == 2 and set(result.timings) >= {"preprocess", "vision"}
+
+
 def test_fp16_bundle_runs(tiny_bundle):
     ref = Estimator(tiny_bundle, precision="fp32", decoding="template").estimate(tiny.random_image(5), BOXES[:1])
     half = Estimator(tiny_bundle, precision="fp16", decoding="template").estimate(tiny.random_image(5), BOXES[:1])
@@ -183,7 +214,8 @@ def test_runtime_imports_without_torch():
             "sys.meta_path.insert(0, Block())\n"
             "import runtime.estimator, runtime.cli, runtime.backends.onnxruntime, posellm_edge.cli\n"
             "print('ok')\n")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tiny.REPO)
+    # bounded: an import on a loaded machine takes seconds, a hung child must fail, not stall the suite
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tiny.REPO, timeout=300)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
 
 

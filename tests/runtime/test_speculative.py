@@ -62,9 +62,9 @@ def test_speculative_equals_template_frame_by_frame(kind, precision, request):
         want = template.estimate(image, boxes)
         got = spec.estimate(image, boxes, drafts=last)
         worst = max(worst, _assert_same(want, got, precision, f"{kind} {precision} frame {t}"))
-        passes += spec.last_counts["person_passes"]
-        persons += spec.last_counts["persons"]
-        assert spec.last_counts["person_passes"] <= 6 * len(boxes)  # never more than template's passes
+        passes += got.counts["person_passes"]
+        persons += got.counts["persons"]
+        assert got.counts["person_passes"] <= 6 * len(boxes)  # never more than template's passes
         last = got
     print(f"{kind} {precision}: {FRAMES} frames identical tokens/flags/xy, max score diff {worst:.2e} "
           f"(tol {SCORE_TOL[precision]}), {passes / persons:.2f} decoder passes per person (template 6)")
@@ -80,7 +80,7 @@ def test_exact_and_partly_wrong_drafts(kind, expected_passes, request):
     spec = Estimator(bundle, decoding="speculative")
     got = spec.estimate(image, BOXES, drafts=want)
     _assert_same(want, got, "fp32", f"{kind} exact draft")
-    counts = spec.last_counts
+    counts = got.counts
     assert counts["person_passes"] == expected_passes * len(BOXES), counts
     assert all(counts[f"accepted_digit{j}"] == counts[f"draft_digit{j}"] == 17 * len(BOXES) for j in range(6))
     # wrong second and fifth digits (answer steps 4 and 10) in every keypoint of person 0, none for person 1
@@ -95,7 +95,7 @@ def test_exact_and_partly_wrong_drafts(kind, expected_passes, request):
     wrong = type(want[0])(**{**want[0].__dict__, "tokens": tuple(bad)})
     got = spec.estimate(image, BOXES, drafts=[wrong, None])
     worst = _assert_same(want, got, "fp32", f"{kind} wrong draft")
-    c = spec.last_counts
+    c = got.counts
     print(f"{kind}: exact draft {expected_passes} pass(es)/person; wrong digits: {c['person_passes']} person-passes, "
           f"accepted per digit {[c[f'accepted_digit{j}'] for j in range(6)]} of "
           f"{[c[f'draft_digit{j}'] for j in range(6)]}, max score diff {worst:.2e}")

@@ -16,6 +16,7 @@ httpx = pytest.importorskip("httpx", reason="needs the `serve` extra (httpx)")
 from runtime.estimator import Estimator  # noqa: E402
 from serve import payload  # noqa: E402
 from serve.config import ServeConfig, free_loopback_port  # noqa: E402
+from serve_startup import HTTP_TIMEOUT_S, running_service  # noqa: E402
 
 THUMB = {"name": "left thumb", "description": "The left thumb is the short first digit of the left hand."}
 MAX_BODY_MB = 1.0
@@ -23,14 +24,12 @@ MAX_BODY_MB = 1.0
 
 @pytest.fixture(scope="module")
 def service(small_bundle):
-    from serve.cli import start, stop
-    # a long batch wait so that a burst of concurrent requests reliably meets in one batch
-    cfg = ServeConfig(bundle=small_bundle, port=free_loopback_port(), batch_wait_ms=200.0, max_body_mb=MAX_BODY_MB)
-    url = start(cfg, {"num_cpus": 2, "include_dashboard": False, "log_to_driver": False})
-    try:
+    # a long batch wait so that a burst of concurrent requests reliably meets in one batch; one replica, so that
+    # /v1/stats (per replica) counts every batch; threads left to the layout (flags win, the rest from the machine)
+    cfg = ServeConfig(bundle=small_bundle, port=free_loopback_port(), batch_wait_ms=200.0, max_body_mb=MAX_BODY_MB,
+                      replicas=1)
+    with running_service(cfg) as url:
         yield url
-    finally:
-        stop(shutdown_ray=True)
 
 
 @pytest.fixture(scope="module")
@@ -59,23 +58,32 @@ def _assert_equal(persons: list[dict], want) -> float:
 
 
 def test_probes(service, estimator):
-    assert httpx.get(f"{service}/healthz").json() == {"status": "alive"}
-    ready = httpx.get(f"{service}/readyz").json()
+    assert httpx.get(f"{service}/healthz", timeout=HTTP_TIMEOUT_S).json() == {"status": "alive"}
+    ready = httpx.get(f"{service}/readyz", timeout=HTTP_TIMEOUT_S).json()
     assert ready["ready"] is True and len(ready["keypoints"]) == 17
     assert ready["max_persons_per_batch"] == estimator.manifest.max_persons  # the bundle's exported limit
+
+
+def test_stats_report_the_layout_flags_win(service):
+    """--replicas given, so it stays; threads and the CPUs reserved per replica come from the machine (2 CPUs)."""
+    layout = httpx.get(f"{service}/v1/stats", timeout=HTTP_TIMEOUT_S).json()["layout"]
+    print(layout)
+    assert layout["replicas"] == 1 and "replicas" not in layout["chosen"]
+    assert layout["threads"] == 2 and layout["cpus_per_replica"] == 2.0 and layout["gpus_per_replica"] == 0.0
+    assert set(layout["chosen"]) == {"threads", "cpus_per_replica"} and "2 CPUs" in layout["seen"]
 
 
 def test_json_and_multipart_equal_estimator(service, estimator, scenes):
     image, boxes = scenes[0]
     want = estimator.estimate(payload.decode_image(image), boxes)
-    r = httpx.post(f"{service}/v1/pose?tokens=true", json=_body(image, boxes), timeout=120)
+    r = httpx.post(f"{service}/v1/pose?tokens=true", json=_body(image, boxes), timeout=HTTP_TIMEOUT_S)
     assert r.status_code == 200, r.text
     d1 = _assert_equal(r.json()["persons"], want)
     r = httpx.post(f"{service}/v1/pose?tokens=true", files={"image": ("scene.jpg", image, "image/jpeg")},
-                   data={"boxes": json.dumps(boxes)}, timeout=120)
+                   data={"boxes": json.dumps(boxes)}, timeout=HTTP_TIMEOUT_S)
     assert r.status_code == 200, r.text
     d2 = _assert_equal(r.json()["persons"], want)
-    plain = httpx.post(f"{service}/v1/pose", json=_body(image, boxes), timeout=120).json()
+    plain = httpx.post(f"{service}/v1/pose", json=_body(image, boxes), timeout=HTTP_TIMEOUT_S).json()
     assert [set(p) for p in plain["persons"]] == [set(w.to_json()) for w in want]  # no tokens unless asked
     print(f"keypoints max |diff| vs Estimator.estimate: json {d1:.3g}, multipart {d2:.3g} px (tolerance 1e-6)")
 
@@ -87,11 +95,11 @@ def test_concurrent_burst_shares_batches_and_equals_estimator(service, estimator
     big = next((img, boxes) for img, boxes in scenes if len(boxes) >= 2)
     reqs.append((big[0], big[1] * 2, None))  # more boxes than a batch holds: split over two jobs
     reqs += [(img, boxes[:1], [THUMB]) for img, boxes in scenes[:2]]
-    before = httpx.get(f"{service}/v1/stats").json()
+    before = httpx.get(f"{service}/v1/stats", timeout=HTTP_TIMEOUT_S).json()
     with ThreadPoolExecutor(len(reqs)) as pool:
         responses = list(pool.map(lambda r: httpx.post(f"{service}/v1/pose?tokens=true", json=_body(*r),
-                                                        timeout=120), reqs))
-    after = httpx.get(f"{service}/v1/stats").json()
+                                                        timeout=HTTP_TIMEOUT_S), reqs))
+    after = httpx.get(f"{service}/v1/stats", timeout=HTTP_TIMEOUT_S).json()
     for (img, boxes, kps), resp in zip(reqs, responses):
         assert resp.status_code == 200, resp.text
         kp = [(k["name"], k["description"]) for k in kps] if kps else None
@@ -125,20 +133,20 @@ def _bad_requests(image: bytes, boxes) -> list[tuple[str, dict]]:
 def test_bad_request_gets_one_4xx_message_and_the_next_good_one_is_answered(service, scenes, case):
     image, boxes = scenes[1]
     kwargs = dict(_bad_requests(image, boxes))[case]
-    r = httpx.post(f"{service}/v1/pose", timeout=120, **kwargs)
+    r = httpx.post(f"{service}/v1/pose", timeout=HTTP_TIMEOUT_S, **kwargs)
     print(case, r.status_code, r.text[:200])
     assert 400 <= r.status_code < 500
     assert list(r.json()) == ["error"] and r.json()["error"]
     expected = {"50 MB body": 413, "wrong content type": 415}.get(case, 400)
     assert r.status_code == expected
-    ok = httpx.post(f"{service}/v1/pose", json=_body(image, boxes), timeout=120)
+    ok = httpx.post(f"{service}/v1/pose", json=_body(image, boxes), timeout=HTTP_TIMEOUT_S)
     assert ok.status_code == 200 and len(ok.json()["persons"]) == len(boxes)
 
 
 def test_loadtest_against_the_service(service, scenes, tmp_path):
     from serve.loadtest import LoadRequest, run_load
     reqs = [LoadRequest(f"{i}.jpg", img, boxes) for i, (img, boxes) in enumerate(scenes)]
-    report = run_load(service, reqs, clients=2, seconds=3.0, max_requests=6, timeout_s=60.0)
+    report = run_load(service, reqs, clients=2, seconds=3.0, max_requests=6, timeout_s=HTTP_TIMEOUT_S)
     print(report)
     assert report["errors"] == 0 and report["ok"] == report["requests"] <= 6
     assert report["persons"] > 0 and report["latency_ms"]["p99"] >= report["latency_ms"]["p50"] > 0
