@@ -9,30 +9,18 @@ import pytest
 import torch
 
 from posellm.model import PoseLLM
-from posellm.small_tokenizer import build_small_tokenizer
 from runtime.preprocess import CLIP_MEAN, CLIP_STD
-from runtime.prompts import PromptTokenizer
 from training.config import TrainConfig
 from training.losses import digit_ids, ordinal_targets, rounds_loss
 from training.probes import answer_probe
-from training.samples import Augment, PersonSet, Sampler, SequenceBuilder, ensure_dataset
-from training.shared_prefix import (ANSWER_LEN, KeptInputs, answer_rows, forward_rounds, head_attention)
+from training.samples import Augment, Sampler, SequenceBuilder
+from training.shared_prefix import ANSWER_LEN, KeptInputs, answer_rows, forward_rounds, head_attention
 from training.train import main
 
 TINY = {"crop_size": 56, "patch_size": 14, "vit_dim": 32, "vit_depth": 1, "vit_heads": 2, "llm_hidden": 32,
         "llm_layers": 2, "llm_heads": 2, "llm_intermediate": 64, "lora_r": 2, "lora_alpha": 4.0,
         "train_images": 4, "val_images": 2, "batch_size": 3, "log_every": 1, "round_layout": "shared_prefix",
         "max_rounds": 17, "ordinal_weight": 0.3, "pointer_layer": 1}
-
-
-@pytest.fixture(scope="module")
-def ptok():
-    return PromptTokenizer(build_small_tokenizer())
-
-
-@pytest.fixture(scope="module")
-def people(tmp_path_factory):
-    return PersonSet(ensure_dataset(tmp_path_factory.mktemp("synth"), num_images=4, seed=3))
 
 
 def _model(ptok, cfg: TrainConfig, attn: str = "sdpa") -> PoseLLM:

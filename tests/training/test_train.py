@@ -8,28 +8,16 @@ import pytest
 import torch
 
 from posellm.config import ConfigError
-from posellm.small_tokenizer import build_small_tokenizer
 from training.train import enable_lora, lr_at, main, train_phase
 from training.config import TrainConfig
-from training.samples import IGNORE_INDEX, Augment, PersonSet, Sampler, SequenceBuilder, ensure_dataset, patch_targets
+from training.samples import IGNORE_INDEX, Augment, Sampler, SequenceBuilder, patch_targets
 from training.losses import lm_loss
 from runtime.keypoints import standard_keypoints
 from runtime.preprocess import CLIP_MEAN, CLIP_STD
-from runtime.prompts import PromptTokenizer
 
 TINY = {"crop_size": 56, "patch_size": 14, "vit_dim": 32, "vit_depth": 1, "vit_heads": 2, "llm_hidden": 32,
         "llm_layers": 1, "llm_heads": 2, "llm_intermediate": 64, "lora_r": 2, "lora_alpha": 4.0,
         "train_images": 4, "val_images": 2, "batch_size": 4, "log_every": 5}
-
-
-@pytest.fixture(scope="module")
-def ptok():
-    return PromptTokenizer(build_small_tokenizer())
-
-
-@pytest.fixture(scope="module")
-def people(tmp_path_factory):
-    return PersonSet(ensure_dataset(tmp_path_factory.mktemp("synth"), num_images=4, seed=3))
 
 
 def test_label_mask_is_answer_only(ptok, people):
