@@ -52,7 +52,7 @@ def test_eval_with_detections(small_coco, tiny_checkpoint, tiny_bundle, tmp_path
     gt = json.loads(ann.read_text())
     dets = [{"image_id": a["image_id"], "category_id": 1, "bbox": a["bbox"], "score": 0.9} for a in gt["annotations"]]
     (tmp_path / "dets.json").write_text(json.dumps(dets))
-    report = evaluate(EvalConfig(tiny_checkpoint, (tiny_bundle,), ann, images, precisions=("fp32",),
+    report = evaluate(EvalConfig(tiny_checkpoint, (tiny_bundle,), images, coco=ann, precisions=("fp32",),
                                  decodings=("template",), detections=tmp_path / "dets.json", det_score=0.5))
     (v,) = report["variants"]
     print(f"detections: reference AP {report['reference']['AP']}, fp32-template AP {v['AP']}, token agreement "
