@@ -17,6 +17,7 @@ the layout it chose is in the report (`layout`).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import platform
 import signal
@@ -174,7 +175,8 @@ def main(argv: list[str] | None = None) -> int:
                                 "loadavg_start": os.getloadavg(),
                                 "note": "other jobs may share the machine (loadavg_start / loadavg_end): absolute "
                                         "figures vary run to run; the ratio is measured side by side"},
-                    "config": {**config.__dict__, "bundle": str(config.bundle)},
+                    "config": {**config.__dict__, "bundle": str(config.bundle),
+                               "limits": dataclasses.asdict(config.limits)},
                     "dataset": {"coco": str(args.coco), "images": len(requests),
                                 "persons": sum(len(r.boxes) for r in requests)}}
     t0 = time.perf_counter()
