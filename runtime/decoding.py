@@ -189,8 +189,13 @@ class Decoder:
                 last_pos = pos[:, -1]
                 out, past = self._step(self.embed(feed), mask, pos, shared, past)
                 take(out, targets[0])
+        return self.decoded(gen, conf, n_steps, forced)
+
+    def decoded(self, gen: np.ndarray, conf: np.ndarray, n_steps: int, forced: np.ndarray) -> Decoded:
+        """Generated ids [rows, steps] → tokens and parsed answers (LocLLM scores: the last step's dropped); a row
+        whose template forced tokens is flagged so."""
         out_tokens, answers = [], []
-        for r in range(rows):
+        for r in range(len(gen)):
             s = list(map(int, gen[r]))
             a = parse_answer(self.detokenize(s), conf[r, :n_steps - 1], self.m.preprocess.crop_size)
             if forced[r]:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from .answer import KeypointAnswer, parse_answer
 from .backends.base import Stopwatch
 from .decoding import Decoded, Decoder
 
@@ -126,12 +125,4 @@ def speculative(dec: Decoder, image_embeds: np.ndarray, suffixes: list[list[int]
     for j in range(len(dpos)):
         watch.count(f"draft_digit{j}", int((drafts[:, j] != NO_DRAFT).sum()))
         watch.count(f"accepted_digit{j}", int(hit[:, j].sum()))
-    out_tokens, answers = [], []
-    for r in range(rows):
-        s = list(map(int, seq[r]))
-        ans = parse_answer(dec.detokenize(s), conf[r, :n_steps - 1], dec.m.preprocess.crop_size)
-        if forced[r]:
-            ans = KeypointAnswer(ans.text, ans.x, ans.y, ans.score, ans.ok, f"template forced {int(forced[r])} token(s)")
-        out_tokens.append(s)
-        answers.append(ans)
-    return Decoded(out_tokens, answers)
+    return dec.decoded(seq, conf, n_steps, forced)
