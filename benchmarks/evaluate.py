@@ -15,6 +15,7 @@ import numpy as np
 from runtime.coco import read_coco_persons
 from runtime.errors import InputError
 from runtime.estimator import Estimator, EstimatorConfig
+from runtime.manifest import load_manifest
 from runtime.preprocess import load_image
 from runtime.results import write_json
 
@@ -173,6 +174,18 @@ def _scores(bench, run: VariantRun, predictions_dir: Path | None) -> dict:
     return {**metrics.pop("PCKh", {}), **metrics}
 
 
+def _check_precisions(cfg: EvalConfig) -> None:
+    if not cfg.precisions:
+        return
+    for bundle in cfg.bundles:
+        have = load_manifest(bundle).variants
+        for precision in cfg.precisions:
+            if precision not in have:
+                hint = " (the flag repeats: --precision a --precision b)" if "," in precision else ""
+                raise InputError(f"--precision {precision!r}: {bundle} has no such variant; expected one of "
+                                 f"{sorted(have)}{hint}")
+
+
 def evaluate(cfg: EvalConfig, log=print) -> dict:
     from posellm.checkpoint import load_checkpoint
     from posellm.reference import ReferenceEstimator
@@ -180,6 +193,7 @@ def evaluate(cfg: EvalConfig, log=print) -> dict:
     from runtime.prompts import PromptTokenizer
     from tokenizers import Tokenizer
 
+    _check_precisions(cfg)  # before the reference run (tens of seconds to hours), not after it
     bench = load_benchmark(cfg)
     by_image = bench.by_image()
     log(bench.describe())

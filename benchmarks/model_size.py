@@ -6,8 +6,9 @@ them on a Jetson: fp16 activations except fp32):
 
 - fp32 / fp16: 4 / 2 bytes everywhere.
 - int8 (calibrate): vision W8A8 and decoder weight-only int8 per output channel (one fp16 scale per column).
-- int8wo / int4 (quantize): decoder linear layers incl. lm_head block-wise int8 / int4 with one fp16 scale per
-  `block` input features; the vision graph stays fp16.
+- int8wo / int4 (quantize): decoder linear layers block-wise int8 / int4 with one fp16 scale per `block` input
+  features; lm_head int8 (quantize's default `--lm-head-bits 8`: per output channel in int4); the vision graph
+  stays fp16.
 Norm weights, biases, positional and class embeddings stay in the activation dtype. The embedding table is the
 runtime's memory-mapped .npy (fp16, fp32 for fp32). The KV cache is what the runtime keeps for `persons` persons:
 each person's prefix (prompt tokens + image tokens) once, then persons × 17 rows of suffix + 13 answer tokens.
@@ -79,7 +80,8 @@ def weight_bytes(p: ParamCounts, precision: str, block: int = 64) -> dict[str, f
     else:
         bits = 4 if precision == "int4" else 8
         vision = (p.vision_linear + p.vision_other) * act
-        decoder = linear * (bits / 8 + 2 / block) + p.decoder_other * act
+        lm_head = p.lm_head * (1 if bits == 4 else 1 + 2 / block)  # int4: per-channel int8 (scales negligible)
+        decoder = p.decoder_linear * (bits / 8 + 2 / block) + lm_head + p.decoder_other * act
     return {"vision": vision, "decoder": decoder, "embedding": p.embedding * act}
 
 

@@ -63,20 +63,29 @@ def block_scales(w: np.ndarray, bits: int, block_size: int) -> np.ndarray:
     return np.maximum((absmax / (2 ** (bits - 1) - 1)).astype(np.float16), _FP16_TINY)
 
 
+def channel_scales(w: np.ndarray, bits: int, block_size: int) -> np.ndarray:
+    """One fp16 scale per output column (max|w| over all K inputs), repeated into every block: per-channel
+    quantization in the blocked layout, so MatMulNBits (blocked) and a per-axis DequantizeLinear — the only int8
+    weight form TensorRT imports — hold the same weights."""
+    return np.repeat(block_scales(w, bits, len(w)), _blocks(len(w), block_size), axis=0)
+
+
 def _round(w: np.ndarray, scale: np.ndarray, bits: int) -> np.ndarray:
     lo, hi = -2 ** (bits - 1), 2 ** (bits - 1) - 1
     return np.clip(np.rint(w / scale.astype(np.float32)), lo, hi).astype(np.int8)
 
 
-def quantize_rtn(w: np.ndarray, bits: int, block_size: int, name: str = "weight") -> BlockQuantized:
+def quantize_rtn(w: np.ndarray, bits: int, block_size: int, name: str = "weight",
+                 per_channel: bool = False) -> BlockQuantized:
+    """`per_channel`: every block of a column shares the column's scale (channel_scales)."""
     check_shape(w.shape, bits, block_size, name)
     w32 = np.asarray(w, dtype=np.float32)
-    scales = block_scales(w32, bits, block_size)
+    scales = (channel_scales if per_channel else block_scales)(w32, bits, block_size)
     return BlockQuantized(_round(w32, per_row(scales, block_size, len(w32)), bits), scales, bits, block_size)
 
 
 def quantize_gptq(w: np.ndarray, hessian: np.ndarray, bits: int, block_size: int, damp: float = 0.01,
-                  name: str = "weight") -> BlockQuantized:
+                  name: str = "weight", per_channel: bool = False) -> BlockQuantized:
     """GPTQ in activation order with static groups: each block's scale is fixed up front (as RTN would pick it),
     then input rows are rounded from the most to the least active one (descending diag H), each row's error
     spread over the rows not yet rounded — the GPTQ reference's `act_order` + `static_groups`, which keeps the
@@ -84,6 +93,7 @@ def quantize_gptq(w: np.ndarray, hessian: np.ndarray, bits: int, block_size: int
 
     `hessian` is Σ xᵀx [K, K] over the calibration tokens that reach this weight; `damp` × mean(diag) is added
     for numerical stability (the paper's 1%). Input features never seen (zero diagonal) are zeroed, as in GPTQ.
+    `per_channel`: one scale per column in every block (channel_scales); rows are still batched by `block_size`.
     """
     check_shape(w.shape, bits, block_size, name)
     k, n = w.shape
@@ -94,7 +104,7 @@ def quantize_gptq(w: np.ndarray, hessian: np.ndarray, bits: int, block_size: int
     dead = np.diag(H) == 0
     H[dead, dead] = 1.0
     W[dead, :] = 0.0
-    scales = block_scales(W, bits, block_size)
+    scales = (channel_scales if per_channel else block_scales)(W, bits, block_size)
     row_scale = per_row(scales, block_size, k).astype(np.float64)
     perm = np.argsort(-np.diag(H), kind="stable")
     W, H, row_scale = W[perm], H[perm][:, perm], row_scale[perm]

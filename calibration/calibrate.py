@@ -268,7 +268,8 @@ def _artifact(cfg: CalibrationConfig, crops: PersonCrops, calibration_seconds: f
         },
         "vision": {
             "scheme": "W8A8: int8 symmetric per-output-channel weights, int8 symmetric per-tensor activations "
-                      "(Q/DQ on MatMul/Gemm/Conv inputs, zero point 0)",
+                      "(Q/DQ on the inputs of MatMul/Gemm/Conv with weights, zero point 0; attention's "
+                      "activation x activation MatMuls float)",
             "activations": vision["activations"], "weights": vision["weights"],
             "zero_points_all_zero": vision["zero_points_all_zero"],
         },

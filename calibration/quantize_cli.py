@@ -24,6 +24,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="persons decoded through the fp32 graphs for GPTQ's statistics (default: %(default)s)")
     parser.add_argument("--no-lm-head", dest="lm_head", action="store_false",
                         help="keep lm_head in float (quantized by default)")
+    parser.add_argument("--lm-head-bits", type=int, choices=BITS, default=d["lm_head_bits"].default,
+                        help="lm_head's weight bits, the most sensitive matrix (default: %(default)s; "
+                             "--bits 4 --lm-head-bits 4 quantizes everything to 4 bits)")
     parser.add_argument("--accuracy-level", type=int, choices=ACCURACY_LEVELS, default=d["accuracy_level"].default,
                         help="MatMulNBits' CPU kernel: 4 quantizes activations to int8 per block (fast: onnxruntime's "
                              "8-bit float path is far slower than fp32), 0 keeps float math (exactly weight-only); "
@@ -39,6 +42,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     cfg = QuantizeConfig(bundle=args.bundle, coco=args.coco, images=args.images, bits=args.bits,
                          block_size=args.block_size, method=args.method, samples=args.samples, lm_head=args.lm_head,
+                         lm_head_bits=args.lm_head_bits,
                          accuracy_level=args.accuracy_level, name=args.name, checkpoint=args.checkpoint,
                          seed=args.seed, overwrite=args.overwrite, threads=args.threads)
     result = quantize_bundle(cfg)

@@ -148,6 +148,8 @@ def accuracy_level_twin(src: Path, level: int) -> Path:
 
 def write_blocked_qdq(src: Path, dst: Path, quantized: Mapping[str, BlockQuantized]) -> dict[str, Any]:
     def replace(node, weight: str, bq: BlockQuantized, dtype: np.dtype):
+        if bq.bits == 8 and np.all(bq.scales == bq.scales[:1]):  # per-channel int8 (an int4 variant's lm_head)
+            return _per_axis_int8(node, weight, bq, dtype)
         # onnx packs int4 two per byte, first element in the low nibble (ml_dtypes.int4 arrays)
         q = numpy_helper.from_array(bq.q.astype(ml_dtypes.int4) if bq.bits == 4 else bq.q, f"{weight}_quantized")
         s = numpy_helper.from_array(bq.scales.astype(dtype), f"{weight}_scale")  # [ceil(K / block), N]
@@ -164,6 +166,18 @@ def write_blocked_qdq(src: Path, dst: Path, quantized: Mapping[str, BlockQuantiz
 
     summary = _rewrite(src, dst, quantized, BLOCKED_DQ_OPSET, replace)
     return {**summary, "form": "blocked_qdq"}
+
+
+def _per_axis_int8(node, weight: str, bq: BlockQuantized, dtype: np.dtype):
+    """One scale per column in every block: written as per-axis DequantizeLinear (scale [N], axis 1), the int8
+    weight form TensorRT imports (it blocks INT4 only), dequantizing to exactly the blocked values."""
+    inits = [numpy_helper.from_array(bq.q, f"{weight}_quantized"),
+             numpy_helper.from_array(bq.scales[0].astype(dtype), f"{weight}_scale"),
+             numpy_helper.from_array(np.zeros(bq.scales.shape[1], np.int8), f"{weight}_zero_point")]
+    out = f"{weight}_dequantized"
+    dq = helper.make_node("DequantizeLinear", [t.name for t in inits], [out], name=f"{node.name}_DequantizeLinear",
+                          axis=1)
+    return [dq, helper.make_node("MatMul", [node.input[0], out], list(node.output), name=node.name)], inits
 
 
 def _opset(model: onnx.ModelProto) -> int:

@@ -26,6 +26,11 @@ echo "== held-out synthetic val set (same generator and seed as the model's val 
 ANN="$OUT/val/person_keypoints.json"
 IMAGES="$OUT/val/images"
 
+echo "== calibration set: the same domain, another seed (calibrate and quantize never see the val images)"
+"$PY" -m training.data.synthetic --out "$OUT/calib" --num-images "${CALIB_IMAGES:-24}" --seed 2003 \
+  --domain-of "$CKPT/train_config.json"
+CALIB=(--coco "$OUT/calib/person_keypoints.json" --images "$OUT/calib/images")
+
 echo "== held-out synthetic MPII-format set (16 joints by name: 4 never trained on; head boxes; gt_valid.mat)"
 "$PY" -m training.data.synthetic --mpii --out "$OUT/mpii" --num-images "${MPII_IMAGES:-12}" --seed 2001 \
   --domain-of "$CKPT/train_config.json"
@@ -34,11 +39,11 @@ echo "== export (fp32 + fp16, validated against PyTorch)"
 "$CLI" export "$CKPT" "$OUT/bundle" --precision fp32,fp16 --max-persons 4 --overwrite
 
 echo "== calibrate int8 (vision W8A8, decoder weight-only int8)"
-"$CLI" calibrate "$OUT/bundle" --coco "$ANN" --images "$IMAGES" --samples 32
+"$CLI" calibrate "$OUT/bundle" "${CALIB[@]}" --samples 32
 
-echo "== quantize the decoder weight-only: int4 and int8 (GPTQ on person crops, block 64; MatMulNBits + Q/DQ forms)"
-"$CLI" quantize "$OUT/bundle" --bits 4 --coco "$ANN" --images "$IMAGES" --samples 16 --checkpoint "$CKPT"
-"$CLI" quantize "$OUT/bundle" --bits 8 --coco "$ANN" --images "$IMAGES" --samples 16 --checkpoint "$CKPT"
+echo "== quantize the decoder weight-only: int4 (lm_head int8) and int8 (GPTQ on person crops, block 64; MatMulNBits + Q/DQ)"
+"$CLI" quantize "$OUT/bundle" --bits 4 "${CALIB[@]}" --samples 16 --checkpoint "$CKPT"
+"$CLI" quantize "$OUT/bundle" --bits 8 "${CALIB[@]}" --samples 16 --checkpoint "$CKPT"
 
 echo "== run on one image, with a drawing (the image with the largest person; every person of it drawn)"
 mapfile -t RUN_ARGS < <("$PY" - "$ANN" "$IMAGES" <<'PY'

@@ -25,3 +25,17 @@ def test_eval_coco_reference_and_fp32(tiny_checkpoint, tiny_bundle, tmp_path):
     results = json.loads((tmp_path / "pred" / "fp32-free" / "keypoints_results.json").read_text())
     assert len(results) == report["persons"] and all(len(r["keypoints"]) == 51 for r in results)
     assert "| name | AP |" in (tmp_path / "eval.md").read_text()
+
+
+def test_unknown_precision_fails_before_the_reference_runs(tiny_bundle, tmp_path, monkeypatch):
+    """`--precision fp32,fp16` (a comma list; the flag repeats) names no variant: one line naming it and the
+    bundle's variants, raised before the checkpoint is even loaded."""
+    import posellm.checkpoint
+    from runtime.errors import InputError
+
+    monkeypatch.setattr(posellm.checkpoint, "load_checkpoint", lambda *a: pytest.fail("the reference was loaded"))
+    cfg = EvalConfig(checkpoint=tmp_path / "never-read", bundles=(tiny_bundle,), images=tmp_path,
+                     coco=tmp_path / "ann.json", precisions=("fp32,fp16",))
+    with pytest.raises(InputError, match=r"'fp32,fp16'.*expected one of \['fp16', 'fp32'\].*flag repeats") as err:
+        evaluate(cfg, log=lambda *_: None)
+    print(err.value)

@@ -62,7 +62,11 @@ def test_vision_every_matmul_gemm_conv_reads_int8_dq(calibrated):
     producer = {o: n for n in model.graph.node for o in n.output}
     ops = [n for n in model.graph.node if n.op_type in ("MatMul", "Gemm", "Conv")]
     assert len(ops) == 15  # 2 blocks x (qkv, q@k, p@v, proj, fc1, fc2) + patch conv + 2 connector layers
-    for node in ops:
+    attention = [n for n in ops if n.input[1] not in producer or producer[n.input[1]].op_type != "DequantizeLinear"]
+    # q@k and p@v of each block stay float (activation x activation); every layer with a weight is W8A8
+    assert len(attention) == 4 and all(producer.get(i) is None or producer[i].op_type != "DequantizeLinear"
+                                       for n in attention for i in n.input[:2])
+    for node in (n for n in ops if n not in attention):
         for name in node.input[:2]:
             dq = producer.get(name)
             assert dq is not None and dq.op_type == "DequantizeLinear", f"{node.name}: {name} not dequantized"
@@ -242,3 +246,17 @@ def test_bad_configuration_is_rejected(tmp_path, tiny_bundle):
     with pytest.raises(InputError, match="does not exist"):
         calibrate_bundle(CalibrationConfig(tiny_bundle, tmp_path / "missing.json", COCO / "images"))
     assert "int8" not in load_manifest(tiny_bundle).variants and not list(tiny_bundle.glob(".int8*"))
+
+
+def test_vision_check_flags_an_unquantized_layer_but_not_float_attention():
+    """check_vision_qdq: a MatMul with a weight initializer and no Q/DQ is a problem; an activation x activation
+    MatMul (attention's q·kᵀ) left float is the recipe."""
+    from onnx import TensorProto, helper
+    w = numpy_helper.from_array(np.ones((4, 4), np.float32), "w")
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"], name="linear"),
+             helper.make_node("MatMul", ["h", "x"], ["y"], name="attention")]
+    io = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [4, 4]) for n in ("x", "y")]
+    graph = helper.make_graph(nodes, "g", io[:1], io[1:], [w])
+    problems = check_vision_qdq(helper.make_model(graph))
+    print(problems)
+    assert problems == ["linear input 0 (x) is not dequantized", "linear input 1 (w) is not dequantized"]

@@ -200,7 +200,7 @@ def test_bundle_forms_agree_on_the_runtime_prefill(int4_bundle, tmp_path):
     bundle, result = int4_bundle
     m = load_manifest(bundle)
     fp32, v = m.variants["fp32"], m.variants["int4"]
-    quantized = _requantize(bundle, fp32, 32)
+    quantized = _requantize(bundle, fp32, 32, {n: w["bits"] for n, w in result.artifact["weights"].items()})
     write_blocked_qdq(bundle / fp32.decoder.file, tmp_path / "qdq32.onnx", quantized)
     embeds = np.random.default_rng(0).standard_normal((2, m.dims.num_patches, m.dims.hidden_size)).astype(np.float32)
     suffixes = [list(k.suffix_ids) for k in m.prompts.keypoints]
@@ -235,10 +235,11 @@ def test_bundle_forms_agree_on_the_runtime_prefill(int4_bundle, tmp_path):
     assert checks["matmul_nbits_vs_qdq"]["max_abs"] <= 2e-2 + 2e-2 * checks["matmul_nbits_vs_qdq"]["ref_max_abs"]
 
 
-def _requantize(bundle: Path, fp32, block: int) -> dict:
+def _requantize(bundle: Path, fp32, block: int, bits: dict[str, int]) -> dict:
     from calibration.weight_only import load_weight
     model = onnx.load(str(bundle / fp32.decoder.file))
-    return {n: quantize_rtn(load_weight(model, w, str(bundle)), 4, block, n)
+    # an 8-bit weight in an int4 variant (lm_head) is per output channel, as quantize writes it
+    return {n: quantize_rtn(load_weight(model, w, str(bundle)), bits[n], block, n, per_channel=bits[n] == 8)
             for n, (_, w) in matmul_weights(model).items()}
 
 
@@ -249,7 +250,9 @@ def test_qdq_form_passes_the_tensorrt_checks(int4_bundle):
     assert next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) == 21
     dqs = [n for n in model.graph.node if n.op_type == "DequantizeLinear"]
     assert len(dqs) == len(matmul_weights(onnx.load(str(bundle / "fp32" / "decoder.onnx"))))
-    assert all({a.name: a.i for a in n.attribute}["block_size"] == 32 for n in dqs)
+    attrs = sorted(({a.name: a.i for a in n.attribute} for n in dqs), key=lambda a: "block_size" in a)
+    # lm_head's int8 per output channel (per-axis, TensorRT blocks INT4 only), every other weight int4 block 32
+    assert attrs[0] == {"axis": 1} and all(a["block_size"] == 32 for a in attrs[1:])
     assert unsupported_ops({n.op_type for n in model.graph.node}) == set()
     assert weight_dq_problems(model) == []
     # the onnxruntime form is not for TensorRT: MatMulNBits is a contrib op
@@ -279,8 +282,20 @@ def test_validation_against_pytorch_and_artifact(int4_bundle):
     quant = max(c["max_abs"] for c in a["validation"]["vs_fp32"] if c["output"].startswith("logits"))
     print(f"vs torch with the same dequantized weights {worst:.2e}; vs fp32 torch (quantization error) {quant:.2e}")
     assert worst < quant  # the graph check is far tighter than the quantization error it would otherwise hide
-    assert a["method"] == "rtn" and a["bits"] == 4 and a["lm_head"] is True
-    assert a["sizes"]["onnxruntime_ratio_vs_fp16"] <= 0.35  # tiny graph: norms and scales weigh more than at 7B
+    assert a["method"] == "rtn" and a["bits"] == 4 and a["lm_head"] is True and a["lm_head_bits"] == 8
+    # lm_head (the MatMul whose outputs are the vocabulary) keeps 8 bits in both forms, every other weight 4
+    m = load_manifest(bundle)
+    vocab, v = m.dims.vocab_size, m.variants["int4"]
+    nbits = {n.name: ({a.name: a.i for a in n.attribute}["N"], {a.name: a.i for a in n.attribute}["bits"])
+             for n in onnx.load(str(bundle / v.decoder.file)).graph.node if n.op_type == "MatMulNBits"}
+    print({k: b for k, (_, b) in nbits.items()})
+    assert sorted(b for n, b in nbits.values() if n == vocab) == [8]
+    assert {b for n, b in nbits.values() if n != vocab} == {4} and len(nbits) == len(a["weights"])
+    qdq = onnx.load(str(bundle / v.form("tensorrt").decoder.file))
+    dtypes = sorted(t.data_type for t in qdq.graph.initializer if t.name.endswith("_quantized"))
+    assert dtypes.count(TensorProto.INT8) == 1 and dtypes.count(TensorProto.INT4) == len(nbits) - 1
+    # tiny graph: norms, scales and the 8-bit lm_head (a third of its weights) weigh more than at 7B (0.27)
+    assert a["sizes"]["onnxruntime_ratio_vs_fp16"] <= 0.40
     # the summary line's context: the bytes this step wrote and the RSS it started from (the floor of the peak)
     written = sum(p.stat().st_size for p in (bundle / "int4").iterdir() if p.name != "quantization.json")
     assert a["bytes_written"] == written and 0 < a["baseline_rss_bytes"] <= a["peak_rss_bytes"]
