@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +20,7 @@ import numpy as np
 from runtime.backends.base import Stopwatch
 from runtime.detections import read_detections
 from runtime.estimator import Estimator
+from runtime.speculative import SpeculativeConfig
 from runtime.manifest import load_manifest
 from runtime.results import write_json
 from runtime.stream import StreamSummary
@@ -37,6 +38,7 @@ class VideoBenchConfig:
     precision: str = "fp32"
     backend: str = "onnxruntime"
     decodings: tuple[str, ...] = ("template", "speculative")
+    speculative: tuple[SpeculativeConfig, ...] = (SpeculativeConfig(),)  # each timed as its own estimator
     warmup: int = 2  # frames
     max_frames: int | None = None
     threads: int | None = None
@@ -64,9 +66,10 @@ def _load(cfg: VideoBenchConfig, tmp: Path) -> tuple[str, list[np.ndarray], list
 def video_benchmark(cfg: VideoBenchConfig, log=print) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         video, frames, boxes = _load(cfg, Path(tmp))
-    runs = [(b, d) for b in cfg.bundles for d in cfg.decodings]
-    ests = [Estimator(b, precision=cfg.precision, backend=cfg.backend, decoding=d, threads=cfg.threads)
-            for b, d in runs]
+    runs = [(b, d, sc) for b in cfg.bundles for d in cfg.decodings
+            for sc in (cfg.speculative if d == "speculative" else (SpeculativeConfig(),))]
+    ests = [Estimator(b, precision=cfg.precision, backend=cfg.backend, decoding=d, threads=cfg.threads,
+                      speculative=sc) for b, d, sc in runs]
     last: list[list | None] = [None] * len(ests)
     times: list[list[float]] = [[] for _ in ests]
     summaries = [StreamSummary() for _ in ests]
@@ -98,16 +101,16 @@ def video_benchmark(cfg: VideoBenchConfig, log=print) -> dict:
                 total += len(a.tokens)
                 worst = max(worst, float(np.abs(a.keypoints[:, 2] - b.keypoints[:, 2]).max()))
     rows = []
-    for (bundle, decoding), t, s, st in zip(runs, times, summaries, stage_ms):
+    for (bundle, decoding, sc), t, s, st in zip(runs, times, summaries, stage_ms):
         sj = s.to_json()
         rows.append({"bundle": str(bundle), "logits_positions": load_manifest(bundle, verify=False).dims.logits_positions,
-                     "decoding": decoding, "ms_per_person": _pct(t), "ms_per_person_mean": 1e3 * float(np.mean(t)),
+                     "decoding": decoding, **({"speculative": asdict(sc)} if decoding == "speculative" else {}), "ms_per_person": _pct(t), "ms_per_person_mean": 1e3 * float(np.mean(t)),
                      "stages_ms_mean": {k: round(1e3 * float(np.mean(v)), 3) for k, v in st.items()},
                      "passes_per_person": sj["passes_per_person"], "draft_acceptance": sj["draft_acceptance"]})
     base = rows[0]["ms_per_person"]["p50"]
     for r in rows:
         r["speedup_p50_vs_first"] = round(base / r["ms_per_person"]["p50"], 3)
-        log(f"{Path(r['bundle']).name} (K={r['logits_positions']}) {r['decoding']:<11} p50 "
+        log(f"{Path(r['bundle']).name} (K={r['logits_positions']}) {r['decoding']:<11} {r.get('speculative', '')} p50 "
             f"{r['ms_per_person']['p50']:.1f} ms/person, {r['speedup_p50_vs_first']:.2f}x, "
             f"{r['passes_per_person']:.2f} passes/person, acceptance {r['draft_acceptance']}")
     report = {"video": video, "frames": len(frames), "warmup_frames": cfg.warmup, "precision": cfg.precision,

@@ -26,7 +26,7 @@ from .preprocess import CropSpec, crop_at_center_scale, crop_persons, ensure_rgb
 from .keypoint_sets import resolve_keypoints
 from .prompts import PromptTokenizer
 from .results import Estimate, PersonResult, person_result
-from .speculative import draft_digits, speculative
+from .speculative import SpeculativeConfig, draft_digits, speculative
 
 DECODINGS = ("template", "free", "speculative")
 # None: the bundle's 17; a set name (runtime.keypoint_sets); or (name, description) pairs
@@ -42,6 +42,7 @@ class EstimatorConfig:
     max_batch: int | None = None  # sequences per decoder batch; default: the bundle's max persons × 17
     threads: int | None = None
     verify: bool = True  # sha256 of every bundle file before the first inference
+    speculative: SpeculativeConfig = SpeculativeConfig()  # how drafts are verified (decoding="speculative")
 
 
 class Estimator:
@@ -208,7 +209,7 @@ class Estimator:
                drafts: np.ndarray | None = None) -> Decoded:
         """Malformed answers never raise: they come back as score-0 keypoints with a flag (see answer.py)."""
         if self.config.decoding == "speculative":
-            return speculative(self.decoder, image_embeds, suffixes, drafts, watch)
+            return speculative(self.decoder, image_embeds, suffixes, drafts, watch, self.config.speculative)
         if self.config.decoding == "template":
             return self.decoder.template(image_embeds, suffixes, watch)
         return self.decoder.free(image_embeds, suffixes, watch)
