@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from runtime.acceptance import AcceptanceConfig, AcceptanceTracker
 from runtime.backends.base import Stopwatch
 from runtime.detections import read_detections
 from runtime.estimator import Estimator
@@ -39,6 +40,7 @@ class VideoBenchConfig:
     backend: str = "onnxruntime"
     decodings: tuple[str, ...] = ("template", "speculative")
     speculative: tuple[SpeculativeConfig, ...] = (SpeculativeConfig(),)  # each timed as its own estimator
+    acceptance: tuple[AcceptanceConfig, ...] = (AcceptanceConfig(),)  # who gets a draft (the stream's default)
     warmup: int = 2  # frames
     max_frames: int | None = None
     threads: int | None = None
@@ -66,11 +68,14 @@ def _load(cfg: VideoBenchConfig, tmp: Path) -> tuple[str, list[np.ndarray], list
 def video_benchmark(cfg: VideoBenchConfig, log=print) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         video, frames, boxes = _load(cfg, Path(tmp))
-    runs = [(b, d, sc) for b in cfg.bundles for d in cfg.decodings
-            for sc in (cfg.speculative if d == "speculative" else (SpeculativeConfig(),))]
+    spec = [(sc, ac) for sc in cfg.speculative for ac in cfg.acceptance]
+    runs = [(b, d, sc, ac) for b in cfg.bundles for d in cfg.decodings
+            for sc, ac in (spec if d == "speculative" else [(SpeculativeConfig(), AcceptanceConfig())])]
     ests = [Estimator(b, precision=cfg.precision, backend=cfg.backend, decoding=d, threads=cfg.threads,
-                      speculative=sc) for b, d, sc in runs]
+                      speculative=sc) for b, d, sc, _ in runs]
     last: list[list | None] = [None] * len(ests)
+    gates = [AcceptanceTracker(tuple(e.manifest.prompts.digit_ids), tuple(e.manifest.prompts.digit_positions),
+                               ac) for e, (_, _, _, ac) in zip(ests, runs)]
     times: list[list[float]] = [[] for _ in ests]
     summaries = [StreamSummary() for _ in ests]
     stage_ms: list[dict[str, list[float]]] = [{s: [] for s in STAGES} for _ in ests]
@@ -83,9 +88,12 @@ def video_benchmark(cfg: VideoBenchConfig, log=print) -> dict:
         for j in np.roll(np.arange(len(ests)), -i):
             watch = Stopwatch()
             t0 = time.perf_counter()
-            drafts = last[j] if ests[j].config.decoding == "speculative" else None
+            keys = list(range(len(bx)))  # the same boxes every frame order: box i is person i
+            lasts = last[j] if last[j] is not None and len(last[j]) == len(bx) else [None] * len(bx)
+            drafts = gates[j].drafts(keys, lasts) if ests[j].config.decoding == "speculative" else None
             results[j] = ests[j].estimate(rgb, bx, watch=watch, drafts=drafts)
             dt = time.perf_counter() - t0
+            gates[j].update(keys, lasts, results[j])
             last[j] = results[j]
             if i >= cfg.warmup:
                 times[j].append(dt / len(bx))
@@ -101,12 +109,14 @@ def video_benchmark(cfg: VideoBenchConfig, log=print) -> dict:
                 total += len(a.tokens)
                 worst = max(worst, float(np.abs(a.keypoints[:, 2] - b.keypoints[:, 2]).max()))
     rows = []
-    for (bundle, decoding, sc), t, s, st in zip(runs, times, summaries, stage_ms):
+    for (bundle, decoding, sc, _), t, s, st, gate in zip(runs, times, summaries, stage_ms, gates):
         sj = s.to_json()
         rows.append({"bundle": str(bundle), "logits_positions": load_manifest(bundle, verify=False).dims.logits_positions,
                      "decoding": decoding, **({"speculative": asdict(sc)} if decoding == "speculative" else {}), "ms_per_person": _pct(t), "ms_per_person_mean": 1e3 * float(np.mean(t)),
                      "stages_ms_mean": {k: round(1e3 * float(np.mean(v)), 3) for k, v in st.items()},
-                     "passes_per_person": sj["passes_per_person"], "draft_acceptance": sj["draft_acceptance"]})
+                     "passes_per_person": sj["passes_per_person"],
+                     "row_passes_per_person": sj["row_passes_per_person"], "draft_acceptance": sj["draft_acceptance"],
+                     **({"speculation": gate.to_json()} if decoding == "speculative" else {})})
     base = rows[0]["ms_per_person"]["p50"]
     for r in rows:
         r["speedup_p50_vs_first"] = round(base / r["ms_per_person"]["p50"], 3)

@@ -26,7 +26,7 @@ from .preprocess import CropSpec, crop_at_center_scale, crop_persons, ensure_rgb
 from .keypoint_sets import resolve_keypoints
 from .prompts import PromptTokenizer
 from .results import Estimate, PersonResult, person_result
-from .speculative import SpeculativeConfig, draft_digits, speculative
+from .speculative import NO_DRAFT, SpeculativeConfig, draft_digits, speculative
 
 DECODINGS = ("template", "free", "speculative")
 # None: the bundle's 17; a set name (runtime.keypoint_sets); or (name, description) pairs
@@ -208,9 +208,9 @@ class Estimator:
     def decode(self, image_embeds: np.ndarray, suffixes: list[list[int]], watch: Stopwatch,
                drafts: np.ndarray | None = None) -> Decoded:
         """Malformed answers never raise: they come back as score-0 keypoints with a flag (see answer.py)."""
-        if self.config.decoding == "speculative":
+        if self.config.decoding == "speculative" and drafts is not None and (drafts != NO_DRAFT).any():
             return speculative(self.decoder, image_embeds, suffixes, drafts, watch, self.config.speculative)
-        if self.config.decoding == "template":
+        if self.config.decoding in ("template", "speculative"):  # speculative without any draft: template's passes
             return self.decoder.template(image_embeds, suffixes, watch)
         return self.decoder.free(image_embeds, suffixes, watch)
 

@@ -74,6 +74,11 @@ def speculative(dec: Decoder, image_embeds: np.ndarray, suffixes: list[list[int]
         raise ValueError(f"drafts of shape {drafts.shape}: expected ({rows}, {len(dpos)})")
     seq = np.tile(tpl, (rows, 1))  # committed tokens before `n`, the draft from `n` on
     seq[:, dpos] = digits[np.where(drafts == NO_DRAFT, 0, drafts)]
+    # undrafted digits hold a placeholder that is never fed: a window ends at the first one (where template
+    # decoding's window ends), so a row without a draft costs template's tokens, not wasted guesses
+    guess = np.zeros((rows, n_steps + 1), bool)
+    guess[:, dpos] = drafts == NO_DRAFT
+    guess[:, n_steps] = True  # sentinel: "no placeholder left"
     k = dec.m.dims.logits_positions
     # answer tokens the suffix prefill carries (its last a+1 logits predict steps 0..a): the whole draft, or only
     # the fixed head `▁[ 0 .` as template decoding's prefill
@@ -119,7 +124,9 @@ def speculative(dec: Decoder, image_embeds: np.ndarray, suffixes: list[list[int]
             jj = first[bb]
             was, now = int(draft[bb, jj]), int(choice[bb, jj])
             seq[cur[bb], later[int(step[bb, jj])]] = digits[0] if index_of[now] > index_of[was] else digits[9]
+            guess[cur[bb], later[int(step[bb, jj])]] = False  # re-drafted
         seq[r, st] = choice[b, c]
+        guess[r, st] = False
         # a rejected row's window columns after its first mismatch held rejected tokens: masked from now on
         rejected = reject.any(axis=1)
         if rejected.any():
@@ -151,7 +158,9 @@ def speculative(dec: Decoder, image_embeds: np.ndarray, suffixes: list[list[int]
                         shared = {name: v[keep] for name, v in shared.items()}
                         batch_persons = batch_persons[keep]
             nb = n[cur]
-            w = np.clip(np.minimum(k, last - nb + 1), 0, None)
+            steps = np.arange(n_steps + 1)[None, :]
+            placeholder = np.argmax(guess[cur] & (steps >= nb[:, None]), axis=1)  # first one at or after n
+            w = np.clip(np.minimum(np.minimum(k, last - nb + 1), placeholder - nb + 1), 0, None)
             width = int(w.max())
             src = nb[:, None] - 1 + np.arange(width)[None, :] - (width - w)[:, None]  # answer step per column
             real = src >= nb[:, None] - 1  # left padding (masked) before each row's w tokens
