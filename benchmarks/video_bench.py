@@ -29,6 +29,8 @@ from runtime.video import VideoSource
 
 from .bench import STAGES, _pct, environment
 
+ORACLE = "speculative-oracle"  # drafts = this frame's template answers: what no real draft can beat
+
 
 @dataclass(frozen=True)
 class VideoBenchConfig:
@@ -40,6 +42,7 @@ class VideoBenchConfig:
     backend: str = "onnxruntime"
     decodings: tuple[str, ...] = ("template", "speculative")
     speculative: tuple[SpeculativeConfig, ...] = (SpeculativeConfig(),)  # each timed as its own estimator
+    oracle: bool = False  # also time speculative decoding with perfect drafts (the upper bound of any draft)
     acceptance: tuple[AcceptanceConfig, ...] = (AcceptanceConfig(),)  # who gets a draft (the stream's default)
     warmup: int = 2  # frames
     max_frames: int | None = None
@@ -71,8 +74,11 @@ def video_benchmark(cfg: VideoBenchConfig, log=print) -> dict:
     spec = [(sc, ac) for sc in cfg.speculative for ac in cfg.acceptance]
     runs = [(b, d, sc, ac) for b in cfg.bundles for d in cfg.decodings
             for sc, ac in (spec if d == "speculative" else [(SpeculativeConfig(), AcceptanceConfig())])]
-    ests = [Estimator(b, precision=cfg.precision, backend=cfg.backend, decoding=d, threads=cfg.threads,
-                      speculative=sc) for b, d, sc, _ in runs]
+    if cfg.oracle:  # the bound: speculative decoding given this frame's own answers (template's) as drafts
+        runs += [(b, ORACLE, SpeculativeConfig(), AcceptanceConfig(min_rate=0.0)) for b in cfg.bundles]
+    # one set of sessions per bundle, every decoding over it (full width: one copy of the weights, not one each)
+    base = {b: Estimator(b, precision=cfg.precision, backend=cfg.backend, threads=cfg.threads) for b in cfg.bundles}
+    ests = [base[b].with_decoding("speculative" if d == ORACLE else d, sc) for b, d, sc, _ in runs]
     last: list[list | None] = [None] * len(ests)
     gates = [AcceptanceTracker(tuple(e.manifest.prompts.digit_ids), tuple(e.manifest.prompts.digit_positions),
                                ac) for e, (_, _, _, ac) in zip(ests, runs)]
@@ -85,12 +91,15 @@ def video_benchmark(cfg: VideoBenchConfig, log=print) -> dict:
         if not bx:
             continue
         results: list = [None] * len(ests)
+        truth = base[cfg.bundles[0]].with_decoding("template").estimate(rgb, bx) if cfg.oracle else None  # untimed
         for j in np.roll(np.arange(len(ests)), -i):
             watch = Stopwatch()
             t0 = time.perf_counter()
             keys = list(range(len(bx)))  # the same boxes every frame order: box i is person i
             lasts = last[j] if last[j] is not None and len(last[j]) == len(bx) else [None] * len(bx)
             drafts = gates[j].drafts(keys, lasts) if ests[j].config.decoding == "speculative" else None
+            if runs[j][1] == ORACLE:
+                drafts = truth
             results[j] = ests[j].estimate(rgb, bx, watch=watch, drafts=drafts)
             dt = time.perf_counter() - t0
             gates[j].update(keys, lasts, results[j])
@@ -112,15 +121,18 @@ def video_benchmark(cfg: VideoBenchConfig, log=print) -> dict:
     for (bundle, decoding, sc, _), t, s, st, gate in zip(runs, times, summaries, stage_ms, gates):
         sj = s.to_json()
         rows.append({"bundle": str(bundle), "logits_positions": load_manifest(bundle, verify=False).dims.logits_positions,
-                     "decoding": decoding, **({"speculative": asdict(sc)} if decoding == "speculative" else {}), "ms_per_person": _pct(t), "ms_per_person_mean": 1e3 * float(np.mean(t)),
+                     "decoding": decoding, **({"speculative": asdict(sc)} if decoding == "speculative" else {}),
+                     "ms_per_person": _pct(t), "ms_per_person_mean": 1e3 * float(np.mean(t)),
                      "stages_ms_mean": {k: round(1e3 * float(np.mean(v)), 3) for k, v in st.items()},
                      "passes_per_person": sj["passes_per_person"],
                      "row_passes_per_person": sj["row_passes_per_person"], "draft_acceptance": sj["draft_acceptance"],
                      **({"speculation": gate.to_json()} if decoding == "speculative" else {})})
+        if decoding == ORACLE:
+            rows[-1]["speculative"] = asdict(sc)
     base = rows[0]["ms_per_person"]["p50"]
     for r in rows:
         r["speedup_p50_vs_first"] = round(base / r["ms_per_person"]["p50"], 3)
-        log(f"{Path(r['bundle']).name} (K={r['logits_positions']}) {r['decoding']:<11} {r.get('speculative', '')} p50 "
+        log(f"{Path(r['bundle']).name} (K={r['logits_positions']}) {r['decoding']:<11} {r.get('speculative', '')} {r.get('speculation', {}).get('config', '')} p50 "
             f"{r['ms_per_person']['p50']:.1f} ms/person, {r['speedup_p50_vs_first']:.2f}x, "
             f"{r['passes_per_person']:.2f} passes/person, acceptance {r['draft_acceptance']}")
     report = {"video": video, "frames": len(frames), "warmup_frames": cfg.warmup, "precision": cfg.precision,

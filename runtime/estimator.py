@@ -7,6 +7,8 @@ TensorRT contexts guarded in their runner) accept concurrent calls.
 """
 from __future__ import annotations
 
+import copy
+import dataclasses
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -97,6 +99,25 @@ class Estimator:
         self._lock = threading.Lock()  # guards only the lazily built custom-prompt cache
         # custom keypoint sets → suffix ids, least recently used first; bounded, as a server's clients choose them
         self._custom: dict[tuple[tuple[str, str], ...], list[list[int]]] = {}
+
+    def with_decoding(self, decoding: str, speculative: SpeculativeConfig | None = None) -> "Estimator":
+        """Another decoding over the same sessions (no second copy of the weights: a benchmark's variants of one
+        bundle). The custom-prompt cache is shared; its suffix limit is the stricter of both decodings'."""
+        if decoding not in DECODINGS:
+            raise InputError(f"decoding={decoding!r}: expected one of {list(DECODINGS)}")
+        if decoding != "free" and self.config.decoding == "free" and self.manifest.prompts.digit_ids is None:
+            raise InputError("this bundle's tokenizer does not split the answer one character per token")
+        other = copy.copy(self)
+        other.config = dataclasses.replace(self.config, decoding=decoding,
+                                           speculative=speculative or self.config.speculative)
+        if decoding == "template":
+            other.max_suffix_tokens = min(self.max_suffix_tokens, self._template_suffix_limit())
+        return other
+
+    def _template_suffix_limit(self) -> int:
+        p, form = self.manifest.prompts, self.manifest.variant(self.config.precision).form(self.config.backend)
+        seq_hi = form.decoder.dynamic_ranges.get("seq", (1, None))[1]
+        return seq_hi - p.digit_positions[0] if seq_hi else self.max_suffix_tokens
 
     def _trt_ep_settings(self, variant) -> dict:
         """TensorRT EP: the bundle's profiles; engines cached per bundle (manifest hash) in the user cache dir."""

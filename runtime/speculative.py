@@ -122,6 +122,8 @@ def speculative(dec: Decoder, image_embeds: np.ndarray, suffixes: list[list[int]
         # coordinate moved by a few thousandths
         for bb in np.nonzero(primary & (w > 0) & differs[np.arange(len(w)), np.maximum(first, 0)])[0]:
             jj = first[bb]
+            if guess[cur[bb], step[bb, jj]]:  # a placeholder's rest stays undrafted
+                continue
             was, now = int(draft[bb, jj]), int(choice[bb, jj])
             seq[cur[bb], later[int(step[bb, jj])]] = digits[0] if index_of[now] > index_of[was] else digits[9]
             guess[cur[bb], later[int(step[bb, jj])]] = False  # re-drafted
