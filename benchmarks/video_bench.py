@@ -4,9 +4,12 @@ ms/person of template vs speculative decoding on a video, every (bundle, decodin
 All frames are decoded up front (video decoding is not timed) and every estimator gets the same boxes per frame
 (the detections, default: the synthetic walking-figure video and its ground-truth boxes), so the answers must be
 identical: the report counts identical keypoints and the max score difference against the first estimator.
-Each speculative estimator drafts from its own previous frame. The order of the estimators rotates per frame, so
-on a shared machine every one sees the same load. Warm-up frames are excluded. Pass a bundle exported with
-`--logits-positions 12` to verify the whole draft in the suffix prefill (see runtime/speculative.py).
+Each speculative estimator drafts from its own previous frame, through its own acceptance gate (AcceptanceConfig:
+one estimator per gate; min_rate 0 drafts every frame); with `oracle`, one more per bundle is given each frame's
+own template answers as drafts: the bound no draft can beat. Estimators of one bundle share its sessions. The order
+of the estimators rotates per frame, so on a shared machine every one sees the same load. Warm-up frames are
+excluded. Pass a bundle exported with `--logits-positions 12` to verify the whole draft in the suffix prefill (see
+runtime/speculative.py).
 """
 from __future__ import annotations
 
@@ -132,7 +135,9 @@ def video_benchmark(cfg: VideoBenchConfig, log=print) -> dict:
     base = rows[0]["ms_per_person"]["p50"]
     for r in rows:
         r["speedup_p50_vs_first"] = round(base / r["ms_per_person"]["p50"], 3)
-        log(f"{Path(r['bundle']).name} (K={r['logits_positions']}) {r['decoding']:<11} {r.get('speculative', '')} {r.get('speculation', {}).get('config', '')} p50 "
+        gate = r.get("speculation", {}).get("config", {})
+        label = r["decoding"] + (f" (gate {gate['min_rate']})" if gate else "")
+        log(f"{Path(r['bundle']).name} (K={r['logits_positions']}) {label:<24} p50 "
             f"{r['ms_per_person']['p50']:.1f} ms/person, {r['speedup_p50_vs_first']:.2f}x, "
             f"{r['passes_per_person']:.2f} passes/person, acceptance {r['draft_acceptance']}")
     report = {"video": video, "frames": len(frames), "warmup_frames": cfg.warmup, "precision": cfg.precision,

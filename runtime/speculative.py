@@ -15,6 +15,12 @@ With K >= 12 (`export --logits-positions 12`) the suffix prefill itself carries 
 verifies it: a fully accepted row needs no decode pass. With the default K = 4 the prefill carries `▁[ 0 .` (its
 logits must score steps 1-3) and each later pass verifies up to 4 tokens: 2 decode passes when the draft holds.
 Never more passes than template decoding's 5: each pass commits at least up to the next digit.
+
+Rows whose six digits are committed leave the batch (their K/V with them): the last passes, gated by the slowest
+row, run on the few rows still open. A digit without a draft is never fed as a guess: its row's window ends there,
+as template decoding's does. On the shipped small model a pass costs ~0.6 ms fixed + ~0.03 ms per row-token, so
+verifying a draft costs about what decoding it costs; runtime/acceptance.py decides who gets a draft at all
+(measured figures: benchmarks/results/README.md).
 """
 from __future__ import annotations
 
