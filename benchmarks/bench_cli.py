@@ -30,6 +30,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "synthetic walking figure); boxes from --detections")
     p.add_argument("--detections", type=Path, help="with --video FILE: COCO results, image_id = frame index")
     p.add_argument("--max-frames", type=int, default=None)
+    p.add_argument("--min-rate", type=float, action="append",
+                   help="with --video: speculative decoding's acceptance gate (repeatable, each timed; 0: draft every "
+                        "frame; default: AcceptanceConfig's 0.5)")
+    p.add_argument("--oracle-drafts", action="store_true",
+                   help="with --video: also time speculative decoding given each frame's own answers as drafts (the "
+                        "bound no draft can beat)")
     p.add_argument("--interleave", action="store_true",
                    help="time the variants in turn on each person (fair ratios on a shared machine; peak RSS is then "
                         "the whole process's)")
@@ -37,12 +43,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     if args.video is not None:
+        from runtime.acceptance import AcceptanceConfig
+
         from .video_bench import VideoBenchConfig, video_benchmark
         decodings = tuple(args.decoding) if args.decoding else ("template", "speculative")
         video_benchmark(VideoBenchConfig(
             bundles=tuple(args.bundles), video=None if args.video == "synthetic" else Path(args.video),
             detections=args.detections, precision=(args.precision or ["fp32"])[0], backend=args.backend,
-            decodings=decodings, max_frames=args.max_frames, out=args.out))
+            decodings=decodings, max_frames=args.max_frames, out=args.out, oracle=args.oracle_drafts,
+            acceptance=tuple(AcceptanceConfig(min_rate=r) for r in args.min_rate) if args.min_rate
+            else (AcceptanceConfig(),)))
         return 0
     with tempfile.TemporaryDirectory() as tmp:
         coco, images = args.coco, args.images

@@ -175,6 +175,7 @@ class Decoder:
 
         watch.count("persons", image_embeds.shape[0])  # each person's rows: suffix prefill + 5 decode passes
         watch.count("person_passes", 6 * image_embeds.shape[0])
+        watch.count("row_passes", 6 * rows)
         with watch.stage("decode"):
             k = out.argmax.shape[1]  # the prefill's last k positions: ..., ▁[, 0, . → steps first[0]-k+1 ..
             take(out, first[0] - k + 1)

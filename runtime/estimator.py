@@ -7,6 +7,8 @@ TensorRT contexts guarded in their runner) accept concurrent calls.
 """
 from __future__ import annotations
 
+import copy
+import dataclasses
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +28,7 @@ from .preprocess import CropSpec, crop_at_center_scale, crop_persons, ensure_rgb
 from .keypoint_sets import resolve_keypoints
 from .prompts import PromptTokenizer
 from .results import Estimate, PersonResult, person_result
-from .speculative import draft_digits, speculative
+from .speculative import NO_DRAFT, SpeculativeConfig, draft_digits, speculative
 
 DECODINGS = ("template", "free", "speculative")
 # None: the bundle's 17; a set name (runtime.keypoint_sets); or (name, description) pairs
@@ -42,6 +44,7 @@ class EstimatorConfig:
     max_batch: int | None = None  # sequences per decoder batch; default: the bundle's max persons × 17
     threads: int | None = None
     verify: bool = True  # sha256 of every bundle file before the first inference
+    speculative: SpeculativeConfig = SpeculativeConfig()  # how drafts are verified (decoding="speculative")
 
 
 class Estimator:
@@ -96,6 +99,25 @@ class Estimator:
         self._lock = threading.Lock()  # guards only the lazily built custom-prompt cache
         # custom keypoint sets → suffix ids, least recently used first; bounded, as a server's clients choose them
         self._custom: dict[tuple[tuple[str, str], ...], list[list[int]]] = {}
+
+    def with_decoding(self, decoding: str, speculative: SpeculativeConfig | None = None) -> "Estimator":
+        """Another decoding over the same sessions (no second copy of the weights: a benchmark's variants of one
+        bundle). The custom-prompt cache is shared; its suffix limit is the stricter of both decodings'."""
+        if decoding not in DECODINGS:
+            raise InputError(f"decoding={decoding!r}: expected one of {list(DECODINGS)}")
+        if decoding != "free" and self.config.decoding == "free" and self.manifest.prompts.digit_ids is None:
+            raise InputError("this bundle's tokenizer does not split the answer one character per token")
+        other = copy.copy(self)
+        other.config = dataclasses.replace(self.config, decoding=decoding,
+                                           speculative=speculative or self.config.speculative)
+        if decoding == "template":
+            other.max_suffix_tokens = min(self.max_suffix_tokens, self._template_suffix_limit())
+        return other
+
+    def _template_suffix_limit(self) -> int:
+        p, form = self.manifest.prompts, self.manifest.variant(self.config.precision).form(self.config.backend)
+        seq_hi = form.decoder.dynamic_ranges.get("seq", (1, None))[1]
+        return seq_hi - p.digit_positions[0] if seq_hi else self.max_suffix_tokens
 
     def _trt_ep_settings(self, variant) -> dict:
         """TensorRT EP: the bundle's profiles; engines cached per bundle (manifest hash) in the user cache dir."""
@@ -207,9 +229,9 @@ class Estimator:
     def decode(self, image_embeds: np.ndarray, suffixes: list[list[int]], watch: Stopwatch,
                drafts: np.ndarray | None = None) -> Decoded:
         """Malformed answers never raise: they come back as score-0 keypoints with a flag (see answer.py)."""
-        if self.config.decoding == "speculative":
-            return speculative(self.decoder, image_embeds, suffixes, drafts, watch)
-        if self.config.decoding == "template":
+        if self.config.decoding == "speculative" and drafts is not None and (drafts != NO_DRAFT).any():
+            return speculative(self.decoder, image_embeds, suffixes, drafts, watch, self.config.speculative)
+        if self.config.decoding in ("template", "speculative"):  # speculative without any draft: template's passes
             return self.decoder.template(image_embeds, suffixes, watch)
         return self.decoder.free(image_embeds, suffixes, watch)
 

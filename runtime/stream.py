@@ -14,6 +14,7 @@ from typing import Callable, Iterable
 
 import numpy as np
 
+from .acceptance import AcceptanceTracker
 from .backends.base import Stopwatch
 from .detections import Detection, check_image_ids
 from .draw import render_results
@@ -34,6 +35,7 @@ class StreamSummary:
     stages: dict[str, float] = field(default_factory=dict)
     counts: dict[str, int] = field(default_factory=dict)
     lost: list[str] = field(default_factory=list)
+    speculation: dict = field(default_factory=dict)  # AcceptanceTracker.to_json(): who got drafts, shadow rates
 
     def add(self, watch: Stopwatch) -> None:
         for k, v in watch.seconds.items():
@@ -49,9 +51,12 @@ class StreamSummary:
             "ms_per_person": 1e3 * self.estimate_seconds / persons,
             "stage_ms_per_person": {k: 1e3 * v / persons for k, v in self.stages.items()},
             "passes_per_person": c.get("person_passes", 0) / max(c.get("persons", 0), 1),
+            # rows (keypoint sequences) × passes: what compaction shrinks (template: 6 per keypoint)
+            "row_passes_per_person": c.get("row_passes", 0) / max(c.get("persons", 0), 1),
             "draft_acceptance": [c.get(f"accepted_digit{j}", 0) / c[f"draft_digit{j}"]
                                  if c.get(f"draft_digit{j}") else None for j in range(DIGITS)],
             "lost": self.lost,
+            **({"speculation": self.speculation} if self.speculation else {}),
         }
 
 
@@ -77,9 +82,12 @@ def run_stream(estimator: Estimator, frames: Iterable, tracker: Tracker,
                detections: dict[int, list[Detection]] | None = None, jsonl: Path | None = None,
                video_sink_factory: Callable | None = None, log: Callable[[str], None] = print,
                progress: Callable[[Iterable], Iterable] = lambda it: it, known_frames: int | None = None,
-               max_frames: int | None = None) -> StreamSummary:
+               max_frames: int | None = None, acceptance: AcceptanceTracker | None = None) -> StreamSummary:
     """Estimate every frame. `detections` (frame index → boxes) replace tracking; `video_sink_factory(width,
-    height)` gives the sink for drawn frames. Raises InputError on a bad frame after closing the outputs."""
+    height)` gives the sink for drawn frames; `acceptance` picks the persons given a draft (default: a tracker with
+    AcceptanceConfig's defaults). Raises InputError on a bad frame after closing the outputs."""
+    p = estimator.manifest.prompts
+    gate = acceptance or AcceptanceTracker(tuple(p.digit_ids or ()), tuple(p.digit_positions or ()))
     if detections is not None and known_frames is not None:
         check_image_ids(detections, range(known_frames), f"the video's {known_frames} frames")
     summary = StreamSummary()
@@ -98,8 +106,10 @@ def run_stream(estimator: Estimator, frames: Iterable, tracker: Tracker,
             tracks = list(tracker.tracks)
             watch = Stopwatch()
             t0 = time.perf_counter()
+            ids, lasts = [t.id for t in tracks], [t.last for t in tracks]
             results = estimator.estimate(frame.rgb, [t.box for t in tracks], watch=watch,
-                                         drafts=[t.last for t in tracks]) if tracks else []
+                                         drafts=gate.drafts(ids, lasts)) if tracks else []
+            gate.update(ids, lasts, results)
             summary.estimate_seconds += time.perf_counter() - t0
             summary.add(watch)
             summary.frames += 1
@@ -108,6 +118,7 @@ def run_stream(estimator: Estimator, frames: Iterable, tracker: Tracker,
                     "persons": [{"id": t.id, **r.to_json()} for t, r in zip(tracks, results)],
                     "timings_ms": {k: round(1e3 * v, 3) for k, v in watch.seconds.items()}, **frame_counts(watch)}
             lost = tracker.update(results, w, h, follow=detections is None)
+            gate.forget([t.id for t in tracker.tracks])
             for msg in lost:
                 log(f"frame {frame.index}: {msg}")
             summary.lost += [f"frame {frame.index}: {m}" for m in lost]
@@ -121,6 +132,8 @@ def run_stream(estimator: Estimator, frames: Iterable, tracker: Tracker,
                 sink.write(np.asarray(render_results(frame.rgb, results, labels=labels)))
     finally:
         summary.seconds = time.perf_counter() - start
+        if estimator.config.decoding == "speculative":
+            summary.speculation = gate.to_json()
         if out is not None:
             out.close()
         if sink is not None:

@@ -107,3 +107,70 @@ def test_drafts_must_match_boxes(tiny_bundle):
     from runtime.errors import InputError
     with pytest.raises(InputError, match="2 drafts for 1 boxes"):
         Estimator(tiny_bundle, decoding="speculative").estimate(tiny.random_image(1), BOXES[:1], drafts=[None, None])
+
+
+def _wrong_digits(result, rows, positions, digits):
+    """A copy of `result` whose keypoints `rows` have the digit at each answer step in `positions` changed."""
+    bad = []
+    for i, ids in enumerate(result.tokens):
+        ids = list(ids)
+        if i in rows:
+            for p in positions:
+                ids[p] = digits[(digits.index(ids[p]) + 1) % 10]
+        bad.append(tuple(ids))
+    return type(result)(**{**result.__dict__, "tokens": tuple(bad)})
+
+
+@pytest.mark.parametrize("kind", ["k4", "k12-external"])
+def test_compaction_with_persons_of_unequal_open_rows(kind, request):
+    """Three persons: an exact draft (its rows leave first), a draft wrong in 5 keypoints (a group of 5 rows padded
+    with copies to the widest person's size), no draft. Compacted or not, the answers are template decoding's,
+    and compaction runs fewer rows."""
+    from runtime.speculative import SpeculativeConfig
+    bundle = request.getfixturevalue("tiny_bundle" if kind == "k4" else "k12_external_bundle")
+    boxes = BOXES + [[40, 10, 120, 120]]
+    image = tiny.random_image(5)
+    want = Estimator(bundle, decoding="template").estimate(image, boxes)
+    m = load_manifest(bundle).prompts
+    drafts = [want[0], _wrong_digits(want[1], {0, 3, 7, 11, 16}, (m.digit_positions[1], m.digit_positions[4]),
+                                     list(m.digit_ids)), None]
+    rows, persons = {}, {}
+    for compact in (True, False):
+        est = Estimator(bundle, decoding="speculative", speculative=SpeculativeConfig(compact=compact))
+        got = est.estimate(image, boxes, drafts=drafts)
+        worst = _assert_same(want, got, "fp32", f"{kind} compact={compact}")
+        rows[compact], persons[compact] = got.counts["row_passes"], got.counts["person_passes"]
+        print(f"{kind} compact={compact}: {got.counts['person_passes']} person-passes, {rows[compact]} row-passes "
+              f"(template {6 * 17 * len(boxes)}), max score diff {worst:.2e}")
+    assert rows[True] < rows[False] and persons[True] < persons[False]  # rows and a whole person left
+
+
+def test_undrafted_rows_take_template_windows(tiny_bundle, monkeypatch):
+    """Rows without a draft never feed a guessed digit: their decode passes are template decoding's (1, 1, 4, 1, 1
+    tokens), and the answers are template's."""
+    from runtime.backends.base import Stopwatch
+    from runtime.speculative import NO_DRAFT, speculative
+    est = Estimator(tiny_bundle, decoding="speculative")
+    image = tiny.random_image(4)
+    want = Estimator(tiny_bundle, decoding="template").estimate(image, BOXES[:1])
+    pixel_values, _ = __import__("runtime.preprocess", fromlist=["crop_persons"]).crop_persons(
+        image, BOXES[:1], est.crop_spec)
+    embeds = np.asarray(est.vision({"pixel_values": pixel_values})["image_embeds"])
+    _, suffixes = est.queries(None)
+    widths = []
+    step = est.decoder._step
+    monkeypatch.setattr(est.decoder, "_step", lambda e, *a: (widths.append(e.shape[1]), step(e, *a))[1])
+    drafts = np.full((len(suffixes), 6), NO_DRAFT, np.int64)
+    got = speculative(est.decoder, embeds, suffixes, drafts, Stopwatch())
+    assert widths[2:] == [1, 1, 4, 1, 1], widths  # after the prefix and suffix prefills
+    assert [tuple(t) for t in got.tokens] == list(want[0].tokens)
+    print(f"no draft: decode pass widths {widths[2:]} (template's), tokens identical")
+
+
+def test_speculative_without_any_draft_is_template(tiny_bundle):
+    """No draft at all (a stream's first frame, or every person gated off): template decoding's passes exactly."""
+    image = tiny.random_image(6)
+    want = Estimator(tiny_bundle, decoding="template").estimate(image, BOXES)
+    got = Estimator(tiny_bundle, decoding="speculative").estimate(image, BOXES, drafts=[None, None])
+    _assert_same(want, got, "fp32", "no drafts")
+    assert got.counts["person_passes"] == 6 * len(BOXES) and "draft_digit0" not in got.counts, got.counts
