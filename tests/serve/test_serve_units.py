@@ -124,6 +124,7 @@ def test_a_failing_job_gets_its_error_and_the_rest_of_its_batch_their_results():
 
 
 def test_loadtest_refuses_non_loopback_urls_and_reads_coco_boxes(tmp_path):
+    pytest.importorskip("httpx", reason="the load test's HTTP client comes with the [serve] extra")
     from serve.loadtest import check_loopback, read_requests
     check_loopback("http://127.0.0.1:8000")
     check_loopback("http://localhost:8000")
