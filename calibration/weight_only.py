@@ -16,8 +16,6 @@ MatMul's input while the runtime drives the fp32 decoder on calibration crops (G
 """
 from __future__ import annotations
 
-import os
-import tempfile
 from collections import defaultdict
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -28,14 +26,14 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from runtime.backends.base import GraphRunner
-from runtime.backends.onnxruntime import OrtRunner
 from runtime.manifest import GraphSpec
 
 from .blockwise import BlockQuantized, pack_matmul_nbits
-from .qdq import QuantizationError, save_graph, set_initializers
+from .form_writer import MS_DOMAIN, FormWriter, load_weight  # noqa: F401 (load_weight: this module's API)
+from .qdq import QuantizationError
+from .segmented import SegmentedRunner
 
 BLOCKED_DQ_OPSET = 21  # DequantizeLinear's block_size and int4 types
-MS_DOMAIN = "com.microsoft"
 
 
 def matmul_weights(model: onnx.ModelProto) -> dict[str, tuple[str, str]]:
@@ -52,67 +50,11 @@ def matmul_weights(model: onnx.ModelProto) -> dict[str, tuple[str, str]]:
     return out
 
 
-def load_weight(model: onnx.ModelProto, name: str, base: str) -> np.ndarray:
-    t = next(t for t in model.graph.initializer if t.name == name)
-    return numpy_helper.to_array(t, base_dir=base)
-
-
-def _graph_dtype(model: onnx.ModelProto, weights: Iterable[str]) -> np.dtype:
-    names = set(weights)
-    types = {t.data_type for t in model.graph.initializer if t.name in names}
-    if types == {TensorProto.FLOAT}:
-        return np.dtype(np.float32)
-    if types == {TensorProto.FLOAT16}:
-        return np.dtype(np.float16)
-    raise QuantizationError(f"MatMul weights have element types {sorted(types)}; expected all float32 or float16")
-
-
-def _rewrite(src: Path, dst: Path, quantized: Mapping[str, BlockQuantized], opset: int | None,
-             replace) -> dict[str, Any]:
-    """Shared frame of both forms: load, call `replace(node, weight, bq, dtype)` → (new nodes, new initializers)
-    for every quantized MatMul, drop the float weights, inline the small remaining initializers, save, check."""
-    model = onnx.load(str(src), load_external_data=False)
-    base = str(Path(src).parent)
-    if opset is not None and _opset(model) < opset:
-        from onnx import version_converter  # rewrites ops whose signature changed; weights stay references
-        model = version_converter.convert_version(model, opset)
-    graph = model.graph
-    weights = matmul_weights(model)
-    missing = sorted(set(quantized) - set(weights))
-    if missing:
-        raise QuantizationError(f"{src}: no MatMul named {missing[:3]} (the quantized set is from another graph)")
-    dtype = _graph_dtype(model, (weights[k][1] for k in quantized))
-    nodes, new_inits, replaced = [], [], set()
-    for node in graph.node:
-        bq = quantized.get(node.name) if node.op_type == "MatMul" else None
-        if bq is None:
-            nodes.append(node)
-            continue
-        w = next(t for t in graph.initializer if t.name == node.input[1])
-        if tuple(w.dims) != bq.q.shape:
-            raise QuantizationError(f"{src}: {node.name} weight is {list(w.dims)}, the quantized one "
-                                    f"{list(bq.q.shape)}")
-        made, inits = replace(node, node.input[1], bq, dtype)
-        nodes += made
-        new_inits += inits
-        replaced.add(node.input[1])
-    still_used = {i for n in nodes for i in n.input}
-    kept = [t for t in graph.initializer if t.name not in replaced or t.name in still_used]
-    set_initializers(graph, kept, new_inits, base)
-    del graph.node[:]
-    graph.node.extend(nodes)
-    if any(n.domain == MS_DOMAIN for n in nodes) and all(o.domain != MS_DOMAIN for o in model.opset_import):
-        model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
-    save_graph(model, Path(dst))
-    onnx.checker.check_model(str(dst))
-    return {"weights": len(quantized), "activation_dtype": dtype.name, "opset": _opset(model)}
-
-
 ACCURACY_LEVELS = (0, 4)  # MatMulNBits on the CPU EP: 0 = weight-only (float math), 4 = int8 activations per block
 
 
-def write_matmul_nbits(src: Path, dst: Path, quantized: Mapping[str, BlockQuantized],
-                       accuracy_level: int = 0) -> dict[str, Any]:
+def matmul_nbits_writer(src: Path, dst: Path, accuracy_level: int = 0) -> FormWriter:
+    """The MatMulNBits form of `src`, written weight by weight (FormWriter.add, then finish)."""
     if accuracy_level not in ACCURACY_LEVELS:
         raise QuantizationError(f"accuracy_level={accuracy_level}: expected one of {list(ACCURACY_LEVELS)}")
 
@@ -126,8 +68,22 @@ def write_matmul_nbits(src: Path, dst: Path, quantized: Mapping[str, BlockQuanti
                               block_size=bq.block_size, accuracy_level=accuracy_level)
         return [op], [b, s]
 
-    summary = _rewrite(src, dst, quantized, None, replace)
+    return FormWriter(src, dst, replace)
+
+
+def write_matmul_nbits(src: Path, dst: Path, quantized: Mapping[str, BlockQuantized],
+                       accuracy_level: int = 0) -> dict[str, Any]:
+    summary = _write_all(matmul_nbits_writer(src, dst, accuracy_level), quantized)
     return {**summary, "form": "matmul_nbits", "accuracy_level": accuracy_level}
+
+
+def _write_all(writer: FormWriter, quantized: Mapping[str, BlockQuantized]) -> dict[str, Any]:
+    try:
+        for node, bq in quantized.items():
+            writer.add(node, bq)
+        return writer.finish()
+    finally:
+        writer.close()
 
 
 def accuracy_level_twin(src: Path, level: int) -> Path:
@@ -146,7 +102,8 @@ def accuracy_level_twin(src: Path, level: int) -> Path:
     return dst
 
 
-def write_blocked_qdq(src: Path, dst: Path, quantized: Mapping[str, BlockQuantized]) -> dict[str, Any]:
+def blocked_qdq_writer(src: Path, dst: Path) -> FormWriter:
+    """The blocked-DequantizeLinear form of `src` (opset 21), written weight by weight."""
     def replace(node, weight: str, bq: BlockQuantized, dtype: np.dtype):
         # onnx packs int4 two per byte, first element in the low nibble (ml_dtypes.int4 arrays)
         q = numpy_helper.from_array(bq.q.astype(ml_dtypes.int4) if bq.bits == 4 else bq.q, f"{weight}_quantized")
@@ -162,37 +119,27 @@ def write_blocked_qdq(src: Path, dst: Path, quantized: Mapping[str, BlockQuantiz
         mm = helper.make_node("MatMul", [node.input[0], out], list(node.output), name=node.name)
         return [dq, mm], inits
 
-    summary = _rewrite(src, dst, quantized, BLOCKED_DQ_OPSET, replace)
-    return {**summary, "form": "blocked_qdq"}
+    return FormWriter(src, dst, replace, BLOCKED_DQ_OPSET)
 
 
-def _opset(model: onnx.ModelProto) -> int:
-    return next(op.version for op in model.opset_import if op.domain in ("", "ai.onnx"))
+def write_blocked_qdq(src: Path, dst: Path, quantized: Mapping[str, BlockQuantized]) -> dict[str, Any]:
+    return {**_write_all(blocked_qdq_writer(src, dst), quantized), "form": "blocked_qdq"}
 
 
 # ------------------------------------------------------------------------------------------ calibration tap
 class HessianTap(GraphRunner):
     """A decoder runner that also returns every quantized MatMul's input and accumulates Σ xᵀx per input tensor
-    (q/k/v share one), over the tokens the attention mask marks real."""
+    (q/k/v share one), over the tokens the attention mask marks real. The decoder runs `layers_per_segment` LLM
+    layers at a time (segmented.py): one segment's fp32 weights resident, never the whole decoder's."""
 
-    def __init__(self, path: Path, spec: GraphSpec, nodes: Mapping[str, str], threads: int | None = None) -> None:
+    def __init__(self, path: Path, spec: GraphSpec, nodes: Mapping[str, str], num_layers: int,
+                 threads: int | None = None, layers_per_segment: int = 1) -> None:
+        from runtime.backends.onnxruntime import session_options
         self.spec = spec
-        model = onnx.load(str(path), load_external_data=False)
-        acts = sorted(set(nodes.values()))
-        model.graph.output.extend(helper.make_tensor_value_info(a, TensorProto.FLOAT, None) for a in acts)
-        # Written beside the source graph (a hidden temp name), never in a temp folder: onnxruntime refuses external
-        # data outside a model's own folder, symlinked or not, and a 7B decoder's weights are external data.
-        fd, name = tempfile.mkstemp(prefix=f".{Path(path).stem}.tap-", suffix=".onnx", dir=Path(path).parent)
-        os.close(fd)
-        self._tapped = Path(name)
-        try:
-            onnx.save_model(model, name)
-            self.inner = OrtRunner(self._tapped, spec, threads=threads)
-        except BaseException:
-            self._tapped.unlink(missing_ok=True)
-            raise
+        self.acts = acts = sorted(set(nodes.values()))
+        self.inner = SegmentedRunner(Path(path), spec, num_layers, lambda: session_options(threads),
+                                     layers_per_segment, taps=acts)
         self.inner.check = False
-        self.acts = acts
         self.hessians: dict[str, np.ndarray] = {}
         self.tokens: dict[str, int] = defaultdict(int)
         self.calls = 0
@@ -211,4 +158,4 @@ class HessianTap(GraphRunner):
         return outs
 
     def close(self) -> None:
-        self._tapped.unlink(missing_ok=True)
+        self.inner.close()

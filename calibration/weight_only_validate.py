@@ -22,7 +22,8 @@ from runtime.manifest import Manifest, Variant
 
 from .blockwise import BlockQuantized
 from .qdq import QuantizationError
-from .weight_only import load_weight, matmul_weights
+from .form_writer import load_weight
+from .weight_only import matmul_weights
 
 
 class DequantizedWeights(WeightSource):
@@ -30,7 +31,7 @@ class DequantizedWeights(WeightSource):
     layer-streamed reference (exporter/validate.py) then runs the model the graphs describe without holding it."""
 
     def __init__(self, source: WeightSource, by_name: Mapping[str, BlockQuantized]) -> None:
-        self.source, self.by_name, self.cfg = source, dict(by_name), source.cfg
+        self.source, self.by_name, self.cfg = source, by_name, source.cfg  # by_name may read lazily: not copied
 
     def get(self, name: str) -> torch.Tensor:
         bq = self.by_name.get(name)
@@ -45,6 +46,25 @@ class DequantizedWeights(WeightSource):
 
     def stored_dtypes(self) -> set[torch.dtype]:
         return self.source.stored_dtypes()
+
+
+class _Renamed(Mapping[str, BlockQuantized]):
+    """`quantized` (graph node → weight, possibly read on demand) under the checkpoint's weight names."""
+
+    def __init__(self, quantized: Mapping[str, BlockQuantized], node_of: dict[str, str]) -> None:
+        self.quantized, self.node_of = quantized, node_of
+
+    def __getitem__(self, name: str) -> BlockQuantized:
+        return self.quantized[self.node_of[name]]
+
+    def __iter__(self):
+        return iter(self.node_of)
+
+    def __len__(self) -> int:
+        return len(self.node_of)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.node_of
 
 
 def _digest(a: np.ndarray) -> str:
@@ -89,7 +109,7 @@ def validate_against_pytorch(checkpoint: Path, manifest: Manifest, bundle: Path,
     source = open_weights(checkpoint)  # lazy: the references hold one LLM layer at a time, as the export's
     names = match_weight_names(source, bundle / fp32.decoder.file, set(quantized))
     ref_fp32 = reference_outputs(source)
-    ref_deq = reference_outputs(DequantizedWeights(source, {names[n]: bq for n, bq in quantized.items()}))
+    ref_deq = reference_outputs(DequantizedWeights(source, _Renamed(quantized, {names[n]: n for n in quantized})))
     same = {"matmul_nbits": run(ref_deq, nbits_decoder, "fp32"), "qdq": run(ref_deq, qdq_decoder, qdq_precision)}
     for form, checks in same.items():
         log(format_checks(f"{form} vs torch(dequantized)", checks))

@@ -1,0 +1,186 @@
+"""A decoder graph run a few LLM layers at a time: each segment its own onnxruntime session, so at most one segment's
+weights are resident (a 7B fp32 decoder is 26 GB; one of its layers 0.81 GB).
+
+The graph's nodes are kept in their (topological) order and cut into contiguous ranges just before the first
+weight MatMul of a layer (its k/q/v projection) and the nodes feeding that MatMul's weight (a blocked
+DequantizeLinear): the residual Add and the RMSNorm that follows it stay in one segment, as do a weight and its
+dequantization, so onnxruntime fuses each segment as it fuses the whole graph — the tensors crossing a cut (the
+residual stream, the normalized hidden state, the rotary tables, the mask, shapes) are what the whole graph computes
+in between, bit for bit (tests/calibration/test_segmented.py). Segment graphs are written beside the source graph
+(hidden temp names: onnxruntime refuses external data outside a model's folder) and refer to its weights; nothing
+large is copied. Sessions stay open while their weights fit `resident_bytes`; the rest are opened per call.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+import onnx
+from onnx import TensorProto, external_data_helper, helper
+
+from runtime.backends.base import GraphRunner
+from runtime.manifest import GraphSpec
+
+from .qdq import QuantizationError
+
+WEIGHT_OPS = ("MatMul", "MatMulNBits")
+# Sessions whose weights fit this stay open across calls; the others are opened and closed per call.
+RESIDENT_BYTES = 1 << 30
+
+
+def weight_matmuls(graph: onnx.GraphProto) -> list[int]:
+    """Positions of the weight MatMuls (MatMul of an initializer or of a DequantizeLinear of one, MatMulNBits), in
+    graph order."""
+    inits = {t.name for t in graph.initializer}
+    producer = {o: n for n in graph.node for o in n.output}
+    out = []
+    for i, n in enumerate(graph.node):
+        if n.op_type not in WEIGHT_OPS or len(n.input) < 2:
+            continue
+        w = n.input[1]
+        dq = producer.get(w)
+        if w in inits or (dq is not None and dq.op_type == "DequantizeLinear" and dq.input[0] in inits):
+            out.append(i)
+    return out
+
+
+def layer_cuts(graph: onnx.GraphProto, num_layers: int, layers_per_segment: int) -> list[int]:
+    """Node positions where segments start: before the first weight MatMul of every `layers_per_segment`-th layer
+    (and before the node producing its weight, where that is a DequantizeLinear)."""
+    mm = weight_matmuls(graph)
+    per_layer, rest = divmod(len(mm), num_layers)
+    if per_layer == 0 or rest > 1:  # rest: lm_head, the one weight MatMul outside the layers
+        raise QuantizationError(f"{len(mm)} weight MatMuls do not split into {num_layers} layers")
+    position = {o: i for i, n in enumerate(graph.node) for o in n.output}
+    cuts = []
+    for layer in range(layers_per_segment, num_layers, layers_per_segment):
+        i = mm[layer * per_layer]
+        cuts.append(min([i] + [position[x] for x in graph.node[i].input[1:2] if x in position]))
+    return cuts
+
+
+@dataclass
+class Segment:
+    file: Path
+    inputs: list[str]
+    outputs: list[str]
+    weight_bytes: int
+    session: Any = None
+
+
+@dataclass
+class SegmentedRunner(GraphRunner):
+    """`GraphRunner` over `path` cut every `layers_per_segment` LLM layers; `taps` are extra tensors returned with
+    the graph's outputs. `options` makes each session's SessionOptions. Call `close()` to delete the segment
+    graphs (also on garbage collection)."""
+
+    path: Path
+    spec: GraphSpec
+    num_layers: int
+    options: Callable[[], Any]
+    layers_per_segment: int = 1
+    taps: Sequence[str] = ()
+    resident_bytes: int = RESIDENT_BYTES
+    segments: list[Segment] = field(default_factory=list, init=False)
+    check: bool = True
+
+    def __post_init__(self) -> None:
+        import onnxruntime as ort
+        self._ort = ort
+        model = onnx.load(str(self.path), load_external_data=False)
+        graph = model.graph
+        if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in graph.node
+               for a in n.attribute):
+            raise QuantizationError(f"{self.path}: control-flow subgraphs cannot be segmented")
+        cuts = [0] + layer_cuts(graph, self.num_layers, max(1, self.layers_per_segment)) + [len(graph.node)]
+        types = _elem_types(model)
+        inits = {t.name: t for t in graph.initializer}
+        wanted_last = {o.name for o in graph.output} | set(self.taps)
+        consumed_after: list[set[str]] = []
+        later: set[str] = set(wanted_last)
+        for a, b in reversed(list(zip(cuts, cuts[1:]))):  # tensors each segment must hand on
+            consumed_after.append(set(later))
+            later |= {x for n in graph.node[a:b] for x in n.input if x}
+        consumed_after.reverse()
+        self.output_names = [o.name for o in graph.output]
+        try:
+            for (a, b), after in zip(zip(cuts, cuts[1:]), consumed_after):
+                nodes = list(graph.node[a:b])
+                produced = {o for n in nodes for o in n.output if o}
+                needed = list(dict.fromkeys(x for n in nodes for x in n.input if x))
+                used_inits = [inits[x] for x in needed if x in inits and x not in produced]
+                ins = [x for x in needed if x not in produced and x not in inits]
+                outs = [o for n in nodes for o in n.output if o in after]
+                self.segments.append(self._write(model, nodes, used_inits, ins, outs, types))
+        except BaseException:
+            self.close()
+            raise
+
+    def _write(self, model: onnx.ModelProto, nodes, inits, ins, outs, types) -> Segment:
+        def info(name: str) -> onnx.ValueInfoProto:
+            if name not in types:
+                raise QuantizationError(f"{self.path}: no element type known for {name!r} (crosses a segment cut)")
+            return helper.make_tensor_value_info(name, types[name], None)
+
+        graph = helper.make_graph(nodes, f"{model.graph.name}_segment", [info(x) for x in ins],
+                                  [info(x) for x in outs], inits)
+        seg = helper.make_model(graph, opset_imports=model.opset_import, ir_version=model.ir_version)
+        fd, name = tempfile.mkstemp(prefix=f".{self.path.stem}.segment-", suffix=".onnx", dir=self.path.parent)
+        os.close(fd)
+        onnx.save_model(seg, name)
+        size = sum(int({e.key: e.value for e in t.external_data}["length"])
+                   if external_data_helper.uses_external_data(t) else t.ByteSize() for t in inits)
+        return Segment(Path(name), ins, outs, size)
+
+    def _session(self, seg: Segment, budget: list[int]):
+        if seg.session is not None:
+            return seg.session
+        session = self._ort.InferenceSession(str(seg.file), self.options(), providers=["CPUExecutionProvider"])
+        if seg.weight_bytes <= budget[0]:
+            budget[0] -= seg.weight_bytes
+            seg.session = session
+        return session
+
+    def run(self, inputs: Mapping[str, Any], keep_on_device: tuple[str, ...] = ()) -> dict[str, Any]:
+        env = {k: np.ascontiguousarray(v) for k, v in inputs.items()}
+        budget = [self.resident_bytes - sum(s.weight_bytes for s in self.segments if s.session is not None)]
+        wanted = set(self.output_names) | set(self.taps)
+        for i, seg in enumerate(self.segments):
+            session = self._session(seg, budget)
+            values = session.run(seg.outputs, {x: env[x] for x in seg.inputs})
+            del session  # per-call sessions go here: one segment's weights at a time
+            env.update(zip(seg.outputs, values))
+            still = wanted | {x for s in self.segments[i + 1:] for x in s.inputs}
+            env = {k: v for k, v in env.items() if k in still}
+        return {k: env[k] for k in [*self.output_names, *self.taps]}
+
+    def close(self) -> None:
+        for seg in self.segments:
+            seg.session = None
+            seg.file.unlink(missing_ok=True)
+        self.segments = []
+
+    def __del__(self) -> None:
+        self.close()
+
+
+def _elem_types(model: onnx.ModelProto) -> dict[str, int]:
+    """Element type of every tensor: graph inputs/outputs/initializers, plus onnx shape inference on the graph
+    structure (weights stay external: only their declared types are read)."""
+    types = {v.name: v.type.tensor_type.elem_type for v in [*model.graph.input, *model.graph.output]}
+    types.update({t.name: t.data_type for t in model.graph.initializer})
+    graph = onnx.GraphProto()
+    graph.CopyFrom(model.graph)  # contrib MatMulNBits has no onnx schema: its output is its scales' type
+    for n in graph.node:
+        if n.op_type == "MatMulNBits" and n.input[2] in types:
+            graph.value_info.append(helper.make_tensor_value_info(n.output[0], types[n.input[2]], None))
+    probe = helper.make_model(graph, opset_imports=model.opset_import, ir_version=model.ir_version)
+    inferred = onnx.shape_inference.infer_shapes(probe, strict_mode=False)
+    for v in inferred.graph.value_info:
+        if v.type.tensor_type.elem_type != TensorProto.UNDEFINED:
+            types.setdefault(v.name, v.type.tensor_type.elem_type)
+    return types
