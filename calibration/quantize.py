@@ -32,7 +32,7 @@ from runtime.backends.onnxruntime import OrtRunner, session_options
 from runtime.decoding import Decoder
 from runtime.errors import InputError
 from runtime.manifest import GraphForm, GraphSpec, Manifest, Variant, load_manifest, sha256_file
-from runtime.memory import current_rss_bytes, peak_rss_bytes, peak_rss_context
+from runtime.memory import current_rss_bytes, peak_rss_bytes, peak_rss_context, reset_peak_rss
 from runtime.preprocess import CropSpec
 
 from .blockwise import BITS, BLOCK_SIZES, BlockQuantized, quantize_gptq, quantize_rtn
@@ -41,7 +41,7 @@ from .data import array_sha256, load_person_crops
 from .qdq import QuantizationError
 from .form_writer import WrittenWeights, load_weight
 from .segmented import SegmentedRunner
-from .weight_only import (ACCURACY_LEVELS, HessianTap, accuracy_level_twin, blocked_qdq_writer, matmul_nbits_writer,
+from .weight_only import (ACCURACY_LEVELS, accumulate, accuracy_level_twin, blocked_qdq_writer, matmul_nbits_writer,
                           matmul_weights)
 
 METHODS = ("gptq", "rtn")
@@ -71,10 +71,10 @@ class QuantizeConfig:
     overwrite: bool = False
     threads: int | None = None
     # Bounded memory at 7B (issue #24): the fp32 and MatMulNBits decoders run this many LLM layers per onnxruntime
-    # session (segmented.py), and each GPTQ calibration pass collects the input statistics of this many layers
-    # (float64 Σ xᵀx: 1.4 GB per Vicuna-7B layer), so a 32-layer GPTQ decodes the crops 32 / hessian_layers times.
-    segment_layers: int = 2
-    hessian_layers: int = 2
+    # session (segmented.py), and GPTQ holds the input statistics of this many layers at a time (float64 Σ xᵀx:
+    # 1.4 GB per Vicuna-7B layer), replayed from one recorded calibration decoding (Calibration).
+    segment_layers: int = 1
+    hessian_layers: int = 1
 
     def __post_init__(self) -> None:
         if self.bits not in BITS:
@@ -124,31 +124,45 @@ def quantize_bundle(cfg: QuantizeConfig, log: Callable[[str], None] = print) -> 
     chosen = {n: aw for n, aw in nodes.items()
               if cfg.lm_head or next(t.dims for t in src32.graph.initializer if t.name == aw[1])[-1] != vocab}
 
+    phases: dict[str, int] = {}  # peak RSS of each step (VmHWM, restarted after each)
+
+    def phase(label: str) -> None:
+        phases[label] = max(phases.get(label, 0), peak_rss_bytes())
+        reset_peak_rss()
+
     tmp = bundle / f".{name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
+    calibration = None
     try:
+        phase("setup")
         trt_source = fp16 or fp32
         base = str((bundle / fp32.decoder.file).parent)
         data: dict[str, Any] = {}
         errors: dict[str, dict[str, float]] = {}
         shapes: dict[str, list[int]] = {}
         # Both forms are written weight by weight as each is quantized: one weight's ints in memory at a time.
+        stats_s = quant_s = 0.0
         writers = {"onnxruntime": matmul_nbits_writer(bundle / fp32.decoder.file, tmp / "decoder.onnx",
                                                       cfg.accuracy_level),
                    "tensorrt": blocked_qdq_writer(bundle / trt_source.decoder.file, tmp / "decoder_qdq.onnx")}
         try:
-            calibration = (Calibration(cfg, manifest, bundle, fp32) if cfg.coco is not None and cfg.images is not None
-                           else None)
+            calibration = None
+            if cfg.coco is not None and cfg.images is not None:
+                t0 = time.perf_counter()
+                calibration = Calibration(cfg, manifest, bundle, fp32, {aw[0] for aw in chosen.values()},
+                                          bundle / f".{name}.calibration-{os.getpid()}")
+                stats_s += time.perf_counter() - t0
+                phase("calibration decoding (recorded)")
             groups = layer_groups(list(chosen), manifest.dims.num_layers, cfg.hessian_layers)
-            stats_s = quant_s = 0.0
             for group in groups:
                 hessians: dict[str, np.ndarray] = {}
                 if calibration is not None:  # this group's input statistics only (one decoding pass)
                     t0 = time.perf_counter()
-                    hessians = calibration.collect({n: chosen[n][0] for n in group})
+                    hessians = calibration.collect({chosen[n][0] for n in group})
                     stats_s += time.perf_counter() - t0
                 t0 = time.perf_counter()
+                last_use = {chosen[n][0]: n for n in group}  # q/k/v share an input: freed after the last of them
                 for node in group:
                     act, weight = chosen[node]
                     w = load_weight(src32, weight, base).astype(np.float32)
@@ -164,19 +178,25 @@ def quantize_bundle(cfg: QuantizeConfig, log: Callable[[str], None] = print) -> 
                                         **({"gptq": _output_error(w, gptq, hessians[act])} if gptq is not None
                                            else {})}
                     del w, rtn, gptq, chosen_q
+                    if last_use.get(act) == node:
+                        hessians.pop(act, None)
                 del hessians
+                phase("statistics replayed, weights quantized and written (per group)")
                 quant_s += time.perf_counter() - t0
             if calibration is not None:
                 data = calibration.summary()
                 log(f"collected input statistics of {len(chosen)} decoder MatMuls from {data['persons']} persons "
-                    f"({data['decoder_calls']} decoder calls per pass, {data['passes']} passes of "
-                    f"{cfg.hessian_layers} layers) in {stats_s:.1f}s")
+                    f"({data['decoder_calls']} decoder calls, recorded ({data['recorded_gb']} GB) and replayed "
+                    f"{data['passes']} times, {cfg.hessian_layers} layer(s) each) in {stats_s:.1f}s")
             cpu_form = {**writers["onnxruntime"].finish(), "form": "matmul_nbits",
                         "accuracy_level": cfg.accuracy_level}
             trt_form = {**writers["tensorrt"].finish(), "form": "blocked_qdq"}
+            phase("forms finished")
         finally:
             for writer in writers.values():
                 writer.close()
+            if calibration is not None:
+                calibration.close()
         log(f"quantized {len(shapes)} weights ({cfg.method}, int{cfg.bits}, block {cfg.block_size}) in "
             f"{quant_s:.1f}s, written as they came")
         for key in ("rtn", "gptq"):
@@ -208,6 +228,7 @@ def quantize_bundle(cfg: QuantizeConfig, log: Callable[[str], None] = print) -> 
                         f"accuracy level {cfg.accuracy_level}: the int8-activation kernels move the prefill logits by "
                         f"{a['max_abs']:.3e}, more than {ACTIVATION_QUANT_BOUND:.0%} of max|logits| "
                         f"({a['ref_max_abs']:.3e}); use --accuracy-level 0")
+            phase("forms compared on onnxruntime")
             validation = None
             if cfg.checkpoint is not None:
                 from .weight_only_validate import validate_against_pytorch
@@ -215,6 +236,8 @@ def quantize_bundle(cfg: QuantizeConfig, log: Callable[[str], None] = print) -> 
                                                       WrittenWeights(tmp / "decoder_qdq.onnx"),
                                                       exact, shipped, tmp / "decoder_qdq.onnx",
                                                       "fp16" if fp16 else "fp32", log)
+            if cfg.checkpoint is not None:
+                phase("validated against PyTorch")
         finally:
             if exact != shipped:
                 exact.unlink(missing_ok=True)
@@ -230,7 +253,9 @@ def quantize_bundle(cfg: QuantizeConfig, log: Callable[[str], None] = print) -> 
             "checks": checks, "validation": validation,
             "sizes": decoder_sizes(bundle, fp16, tmp, {"onnxruntime": decoder_spec, "tensorrt": qdq_spec}),
             # the process's peak RSS so far (quantize's own when it runs alone, as the CLI does) and its seconds
-            "peak_rss_bytes": peak_rss_bytes(), "seconds": round(time.perf_counter() - start, 2),
+            "peak_rss_bytes": max([peak_rss_bytes(), *phases.values()]),
+            "peak_rss_gb_by_step": {k: round(v / 1e9, 3) for k, v in phases.items()},
+            "seconds": round(time.perf_counter() - start, 2),
             "baseline_rss_bytes": baseline_rss,  # RSS when quantize began: the floor of the peak
             # the files this step writes for the variant (both decoder forms; vision and embedding are fp32's)
             "bytes_written": sum(p.stat().st_size for p in tmp.rglob("*") if p.is_file()),
@@ -296,51 +321,81 @@ def layer_groups(nodes: list[str], num_layers: int, layers_per_group: int) -> li
 
 class Calibration:
     """GPTQ's statistics: Σ xᵀx per MatMul input while the fp32 graphs decode `samples` person crops the way the
-    runtime does. The crops' image embeddings are computed once; each `collect` is one decoding pass that taps only
-    the inputs asked for (a few layers': at 7B all 32 layers' statistics would be 45 GB)."""
+    runtime does. At 7B all 32 layers' statistics would be 45 GB (float64), and the fp32 decoder 26 GB, so:
+    one decoding pass runs the decoder `hessian_layers` LLM layers per session (segmented.py) and records every
+    call's inputs of every segment on disk; `collect` then replays one segment's recorded calls with its MatMul
+    inputs tapped — bit for bit what a whole-graph tap saw — holding that segment's statistics only. Every layer
+    runs twice in all, whatever the number of groups."""
 
-    def __init__(self, cfg: QuantizeConfig, manifest: Manifest, bundle: Path, fp32: Variant) -> None:
-        self.cfg, self.manifest, self.bundle, self.fp32 = cfg, manifest, bundle, fp32
+    def __init__(self, cfg: QuantizeConfig, manifest: Manifest, bundle: Path, fp32: Variant, acts: set[str],
+                 scratch: Path) -> None:
+        self.cfg = cfg
         spec = CropSpec(crop_size=manifest.preprocess.crop_size, mean=tuple(manifest.preprocess.mean),
                         std=tuple(manifest.preprocess.std))
         self.crops = load_person_crops(Path(cfg.coco), Path(cfg.images), cfg.samples, cfg.seed, spec)
         vision = OrtRunner(bundle / fp32.vision.file, fp32.vision, threads=cfg.threads)
         step = manifest.max_persons
-        self.embeds = [np.asarray(vision({"pixel_values": self.crops.pixel_values[i:i + step]})["image_embeds"])
-                       for i in range(0, len(self.crops.pixel_values), step)]
+        embeds = [np.asarray(vision({"pixel_values": self.crops.pixel_values[i:i + step]})["image_embeds"])
+                  for i in range(0, len(self.crops.pixel_values), step)]
         del vision  # its weights are not needed while the decoder runs
+        scratch.mkdir()
+        try:
+            self._record(cfg, manifest, bundle, fp32, acts, scratch, embeds)
+        except BaseException:
+            shutil.rmtree(scratch, ignore_errors=True)
+            raise
         self.digests: dict[str, str] = {}
         self.tokens: dict[str, int] = {}
-        self.calls = self.passes = 0
+        self.replays = 0
 
-    def collect(self, acts: dict[str, str]) -> dict[str, np.ndarray]:
-        m = self.manifest
-        tap = HessianTap(self.bundle / self.fp32.decoder.file, self.fp32.decoder, acts, m.dims.num_layers,
-                         threads=self.cfg.threads, layers_per_segment=self.cfg.segment_layers)
-        try:
-            table = np.load(self.bundle / self.fp32.embedding, mmap_mode="r")
-            decoder = Decoder(m, tap, table, lambda ids: "")
-            suffixes = [list(k.suffix_ids) for k in m.prompts.keypoints]
-            template = m.prompts.answer_template_ids is not None and m.prompts.digit_ids is not None
-            for embeds in self.embeds:
-                (decoder.template if template else decoder.free)(embeds, suffixes, Stopwatch())
-        finally:
-            tap.close()
-        self.template = template
-        self.calls, self.passes = tap.calls, self.passes + 1
-        self.tokens.update({a: int(n) for a, n in tap.tokens.items()})
-        self.digests.update({a: array_sha256(h) for a, h in tap.hessians.items()})
-        return dict(tap.hessians)
+    def _record(self, cfg: QuantizeConfig, manifest: Manifest, bundle: Path, fp32: Variant, acts: set[str],
+                scratch: Path, embeds: list[np.ndarray]) -> None:
+        self.runner = SegmentedRunner(bundle / fp32.decoder.file, fp32.decoder, manifest.dims.num_layers,
+                                      lambda: session_options(cfg.threads), cfg.hessian_layers,
+                                      taps=sorted(acts), record=scratch)
+        self.runner.active_taps = set()  # the recording pass returns the graph's outputs only
+        table = np.load(bundle / fp32.embedding, mmap_mode="r")
+        decoder = Decoder(manifest, self.runner, table, lambda ids: "")
+        suffixes = [list(k.suffix_ids) for k in manifest.prompts.keypoints]
+        p = manifest.prompts
+        self.template = p.answer_template_ids is not None and p.digit_ids is not None
+        for e in embeds:
+            (decoder.template if self.template else decoder.free)(e, suffixes, Stopwatch())
+        self.runner.release()
+        self.recorded_bytes = sum(f.stat().st_size for f in scratch.iterdir())
+
+    def collect(self, acts: set[str]) -> dict[str, np.ndarray]:
+        by_segment: dict[int, list[str]] = {}
+        for a in sorted(acts):
+            by_segment.setdefault(self.runner.segment_of(a), []).append(a)
+        hessians: dict[str, np.ndarray] = {}
+        tokens: dict[str, int] = {}
+        for call in range(self.runner.calls):  # in call order, as the decoding accumulated them
+            outs = {}
+            for seg, names in by_segment.items():
+                outs.update(self.runner.run_segment(seg, call, names))
+            accumulate(hessians, tokens, outs, self.runner.recorded_mask(call))
+        self.runner.release()
+        self.replays += 1
+        self.tokens.update(tokens)
+        self.digests.update({a: array_sha256(h) for a, h in hessians.items()})
+        return hessians
+
+    def close(self) -> None:
+        self.runner.close()
+        if self.runner.record is not None:
+            shutil.rmtree(self.runner.record, ignore_errors=True)
 
     def summary(self) -> dict[str, Any]:
         c = self.crops
         return {"coco": Path(self.cfg.coco).name, "seed": self.cfg.seed, "persons": int(len(c.pixel_values)),
                 "available_persons": c.available, "crops_sha256": c.sha256,
-                # identity of the crops and of every input's statistics (collected over several passes)
+                # identity of the crops and of every input's statistics (collected a few layers at a time)
                 "sha256": hashlib.sha256((c.sha256 + "".join(f"{a}:{d}" for a, d in sorted(self.digests.items())))
                                          .encode()).hexdigest(),
-                "decoding": "template" if self.template else "free", "decoder_calls": self.calls,
-                "passes": self.passes, "layers_per_pass": self.cfg.hessian_layers,
+                "decoding": "template" if self.template else "free", "decoder_calls": self.runner.calls,
+                "passes": self.replays, "layers_per_pass": self.cfg.hessian_layers,
+                "recorded_gb": round(self.recorded_bytes / 1e9, 3),
                 "tokens_per_input": dict(sorted(self.tokens.items()))}
 
 

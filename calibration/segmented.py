@@ -30,6 +30,7 @@ from .qdq import QuantizationError
 WEIGHT_OPS = ("MatMul", "MatMulNBits")
 # Sessions whose weights fit this stay open across calls; the others are opened and closed per call.
 RESIDENT_BYTES = 1 << 30
+LM_HEAD_ALONE = True  # lm_head (0.5 GB fp32 at 7B) in a session of its own
 
 
 def weight_matmuls(graph: onnx.GraphProto) -> list[int]:
@@ -50,15 +51,17 @@ def weight_matmuls(graph: onnx.GraphProto) -> list[int]:
 
 def layer_cuts(graph: onnx.GraphProto, num_layers: int, layers_per_segment: int) -> list[int]:
     """Node positions where segments start: before the first weight MatMul of every `layers_per_segment`-th layer
-    (and before the node producing its weight, where that is a DequantizeLinear)."""
+    and before lm_head (and before the node producing that MatMul's weight, where that is a DequantizeLinear)."""
     mm = weight_matmuls(graph)
     per_layer, rest = divmod(len(mm), num_layers)
     if per_layer == 0 or rest > 1:  # rest: lm_head, the one weight MatMul outside the layers
         raise QuantizationError(f"{len(mm)} weight MatMuls do not split into {num_layers} layers")
     position = {o: i for i, n in enumerate(graph.node) for o in n.output}
     cuts = []
-    for layer in range(layers_per_segment, num_layers, layers_per_segment):
-        i = mm[layer * per_layer]
+    starts = [mm[layer * per_layer] for layer in range(layers_per_segment, num_layers, layers_per_segment)]
+    if rest and LM_HEAD_ALONE:
+        starts.append(mm[-1])
+    for i in starts:
         cuts.append(min([i] + [position[x] for x in graph.node[i].input[1:2] if x in position]))
     return cuts
 
@@ -85,6 +88,7 @@ class SegmentedRunner(GraphRunner):
     layers_per_segment: int = 1
     taps: Sequence[str] = ()
     resident_bytes: int = RESIDENT_BYTES
+    record: Path | None = None  # save every call's feeds of every segment here (replayed by `run_segment`)
     segments: list[Segment] = field(default_factory=list, init=False)
     check: bool = True
 
@@ -107,6 +111,8 @@ class SegmentedRunner(GraphRunner):
             later |= {x for n in graph.node[a:b] for x in n.input if x}
         consumed_after.reverse()
         self.output_names = [o.name for o in graph.output]
+        self.active_taps: set[str] = set(self.taps)  # the taps `run` returns (all, unless narrowed)
+        self.calls = 0
         try:
             for (a, b), after in zip(zip(cuts, cuts[1:]), consumed_after):
                 nodes = list(graph.node[a:b])
@@ -139,27 +145,57 @@ class SegmentedRunner(GraphRunner):
     def _session(self, seg: Segment, budget: list[int]):
         if seg.session is not None:
             return seg.session
-        session = self._ort.InferenceSession(str(seg.file), self.options(), providers=["CPUExecutionProvider"])
+        opts = self.options()
+        opts.enable_cpu_mem_arena = False  # the arena would keep a segment's largest buffers after its run
+        session = self._ort.InferenceSession(str(seg.file), opts, providers=["CPUExecutionProvider"])
         if seg.weight_bytes <= budget[0]:
             budget[0] -= seg.weight_bytes
             seg.session = session
         return session
 
+    def _budget(self) -> list[int]:
+        return [self.resident_bytes - sum(s.weight_bytes for s in self.segments if s.session is not None)]
+
     def run(self, inputs: Mapping[str, Any], keep_on_device: tuple[str, ...] = ()) -> dict[str, Any]:
         env = {k: np.ascontiguousarray(v) for k, v in inputs.items()}
-        budget = [self.resident_bytes - sum(s.weight_bytes for s in self.segments if s.session is not None)]
-        wanted = set(self.output_names) | set(self.taps)
+        budget = self._budget()
+        wanted = set(self.output_names) | self.active_taps
         for i, seg in enumerate(self.segments):
+            later = {x for s in self.segments[i + 1:] for x in s.inputs}
+            names = [o for o in seg.outputs if o in wanted or o in later]
+            feeds = {x: env[x] for x in seg.inputs}
+            if self.record is not None:
+                np.savez(self.record / f"{self.calls:05d}-{i:03d}.npz", **feeds)
+                if i == 0:
+                    np.save(self.record / f"{self.calls:05d}-mask.npy", env["attention_mask"])
             session = self._session(seg, budget)
-            values = session.run(seg.outputs, {x: env[x] for x in seg.inputs})
-            del session  # per-call sessions go here: one segment's weights at a time
-            env.update(zip(seg.outputs, values))
-            still = wanted | {x for s in self.segments[i + 1:] for x in s.inputs}
-            env = {k: v for k, v in env.items() if k in still}
-        return {k: env[k] for k in [*self.output_names, *self.taps]}
+            values = session.run(names, feeds)
+            del session, feeds  # per-call sessions go here: one segment's weights at a time
+            env.update(zip(names, values))
+            env = {k: v for k, v in env.items() if k in wanted or k in later}
+        self.calls += 1
+        return {k: env[k] for k in [*self.output_names, *self.taps] if k in env}
+
+    def run_segment(self, index: int, call: int, outputs: Sequence[str]) -> dict[str, np.ndarray]:
+        """Segment `index` alone on the feeds recorded for `call`: `outputs` (e.g. taps) of that call, bit for bit."""
+        with np.load(self.record / f"{call:05d}-{index:03d}.npz") as z:
+            feeds = {k: z[k] for k in z.files}
+        session = self._session(self.segments[index], self._budget())
+        return dict(zip(outputs, session.run(list(outputs), feeds)))
+
+    def recorded_mask(self, call: int) -> np.ndarray:
+        return np.load(self.record / f"{call:05d}-mask.npy")
+
+    def release(self) -> None:
+        """Close the sessions kept open (their weights leave memory); the segment graphs stay."""
+        for seg in self.segments:
+            seg.session = None
+
+    def segment_of(self, tensor: str) -> int:
+        return next(i for i, s in enumerate(self.segments) if tensor in s.outputs)
 
     def close(self) -> None:
-        for seg in self.segments:
+        for seg in getattr(self, "segments", []):
             seg.session = None
             seg.file.unlink(missing_ok=True)
         self.segments = []

@@ -127,6 +127,18 @@ def write_blocked_qdq(src: Path, dst: Path, quantized: Mapping[str, BlockQuantiz
 
 
 # ------------------------------------------------------------------------------------------ calibration tap
+def accumulate(hessians: dict[str, np.ndarray], tokens: dict[str, int], acts: Mapping[str, Any], attention_mask) -> None:
+    """Σ xᵀx (float64) of one decoder call's MatMul inputs, over the tokens the attention mask marks real."""
+    mask = np.asarray(attention_mask).astype(bool)
+    for a in sorted(acts):
+        x = np.asarray(acts[a], dtype=np.float64)
+        if x.ndim == 3 and x.shape[:2] == (mask.shape[0], min(mask.shape[1], x.shape[1])):
+            x = x[mask[:, -x.shape[1]:]]  # drop left-padding positions
+        x = x.reshape(-1, x.shape[-1])
+        hessians[a] = hessians.get(a, 0) + x.T @ x
+        tokens[a] = tokens.get(a, 0) + len(x)
+
+
 class HessianTap(GraphRunner):
     """A decoder runner that also returns every quantized MatMul's input and accumulates Σ xᵀx per input tensor
     (q/k/v share one), over the tokens the attention mask marks real. The decoder runs `layers_per_segment` LLM
@@ -147,14 +159,7 @@ class HessianTap(GraphRunner):
     def run(self, inputs: Mapping[str, Any], keep_on_device: tuple[str, ...] = ()) -> dict[str, Any]:
         outs = self.inner(inputs)
         self.calls += 1
-        mask = np.asarray(inputs["attention_mask"]).astype(bool)
-        for a in self.acts:
-            x = np.asarray(outs.pop(a), dtype=np.float64)
-            if x.ndim == 3 and x.shape[:2] == (mask.shape[0], min(mask.shape[1], x.shape[1])):
-                x = x[mask[:, -x.shape[1]:]]  # drop left-padding positions
-            x = x.reshape(-1, x.shape[-1])
-            self.hessians[a] = self.hessians.get(a, 0) + x.T @ x
-            self.tokens[a] += len(x)
+        accumulate(self.hessians, self.tokens, {a: outs.pop(a) for a in self.acts}, inputs["attention_mask"])
         return outs
 
     def close(self) -> None:
