@@ -94,7 +94,7 @@ def _quantize_run(a: argparse.Namespace, bundle: Path, ckpt: Path, method: str) 
     art = json.loads((bundle / name / "quantization.json").read_text())
     variant_bytes = art["sizes"]["onnxruntime_weight_bytes"]
     return {"seconds": art["seconds"], "wall_s": round(time.perf_counter() - t0, 1),
-            "peak_rss_gb": round(art["peak_rss_bytes"] / 1e9, 3),
+            "peak_rss_gb": round(art["peak_rss_bytes"] / 1e9, 3), "peak_rss_gb_by_step": art.get("peak_rss_gb_by_step"),
             "variant_weight_bytes": variant_bytes, "fp16_weight_bytes": art["sizes"]["fp16_weight_bytes"],
             "ratio_vs_fp16": art["sizes"]["onnxruntime_ratio_vs_fp16"],
             "tensorrt_ratio_vs_fp16": art["sizes"]["tensorrt_ratio_vs_fp16"],

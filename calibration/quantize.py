@@ -235,7 +235,7 @@ def quantize_bundle(cfg: QuantizeConfig, log: Callable[[str], None] = print) -> 
                 validation = validate_against_pytorch(Path(cfg.checkpoint), manifest, bundle, fp32,
                                                       WrittenWeights(tmp / "decoder_qdq.onnx"),
                                                       exact, shipped, tmp / "decoder_qdq.onnx",
-                                                      "fp16" if fp16 else "fp32", log)
+                                                      "fp16" if fp16 else "fp32", log, cfg.segment_layers)
             if cfg.checkpoint is not None:
                 phase("validated against PyTorch")
         finally:
@@ -282,6 +282,7 @@ def quantize_bundle(cfg: QuantizeConfig, log: Callable[[str], None] = print) -> 
             log(f"{name} decoder ({form} form): {sizes[f'{form}_weight_bytes']} weight bytes = {ratio:.3f}x fp16")
     seconds = time.perf_counter() - start
     written, peak = artifact["bytes_written"], artifact["peak_rss_bytes"]
+    log("peak RSS by step: " + ", ".join(f"{k} {v / 1e9:.2f} GB" for k, v in phases.items()))
     log(f"{name} variant written in {seconds:.1f}s: {written / 1e6:.1f} MB written, peak RSS {peak / 1e9:.2f} GB "
         f"({peak_rss_context(peak, written, baseline_rss)})")
     return QuantizeResult(bundle, manifest.variants[name], artifact, seconds)

@@ -220,3 +220,19 @@ def _elem_types(model: onnx.ModelProto) -> dict[str, int]:
         if v.type.tensor_type.elem_type != TensorProto.UNDEFINED:
             types.setdefault(v.name, v.type.tensor_type.elem_type)
     return types
+
+
+class SegmentedSession:
+    """An onnxruntime.InferenceSession look-alike (get_outputs, run) over a SegmentedRunner, for code that drives a
+    session itself (exporter/validate.py's validate_variant)."""
+
+    def __init__(self, runner: SegmentedRunner) -> None:
+        self.runner = runner
+
+    def get_outputs(self):
+        from types import SimpleNamespace
+        return [SimpleNamespace(name=n) for n in self.runner.output_names]
+
+    def run(self, names, feeds: Mapping[str, Any]) -> list[np.ndarray]:
+        out = self.runner.run(feeds)
+        return [out[n] for n in (names or self.runner.output_names)]

@@ -16,12 +16,14 @@ import numpy as np
 import onnx
 import torch
 
-from exporter.validate import ValidationError, format_checks, reference_outputs, validate_variant
+from exporter.validate import (ValidationError, format_checks, reference_outputs, session_options,
+                               validate_variant)
 from posellm.lazy_weights import WeightSource, expected_shapes, open_weights
 from runtime.manifest import Manifest, Variant
 
 from .blockwise import BlockQuantized
 from .qdq import QuantizationError
+from .segmented import SegmentedRunner, SegmentedSession
 from .form_writer import load_weight
 from .weight_only import matmul_weights
 
@@ -94,8 +96,8 @@ def match_weight_names(source: WeightSource, fp32_decoder: Path, nodes: set[str]
 
 def validate_against_pytorch(checkpoint: Path, manifest: Manifest, bundle: Path, fp32: Variant,
                              quantized: Mapping[str, BlockQuantized], nbits_decoder: Path, shipped_decoder: Path,
-                             qdq_decoder: Path, qdq_precision: str, log: Callable[[str], None] = print
-                             ) -> dict[str, Any]:
+                             qdq_decoder: Path, qdq_precision: str, log: Callable[[str], None] = print,
+                             segment_layers: int = 1) -> dict[str, Any]:
     """`nbits_decoder`: the MatMulNBits graph at accuracy level 0 (checked tightly); `shipped_decoder`: the
     variant's own graph (its level's int8 activations included), whose difference from fp32 is reported."""
     d = manifest.dims
@@ -103,8 +105,17 @@ def validate_against_pytorch(checkpoint: Path, manifest: Manifest, bundle: Path,
     vision = bundle / fp32.vision.file
 
     def run(ref, decoder: Path, precision: str):
-        return validate_variant(ref, vision, decoder, precision, d.num_layers, d.num_kv_heads, d.head_dim,
-                                d.logits_positions, digits)
+        # fp32-activation graphs a few layers per session (bit for bit the whole graph's outputs): onnxruntime's
+        # level-0 MatMulNBits prepacks the int4 weights as floats, 0.75 GB per 7B layer if the graph ran whole.
+        # fp16-activation ones whole (a cut would round the CPU EP's fp32 intermediates to fp16; int4 there).
+        runner = (SegmentedRunner(decoder, None, d.num_layers, lambda: session_options(precision), segment_layers)
+                  if precision == "fp32" else None)
+        try:
+            return validate_variant(ref, vision, decoder, precision, d.num_layers, d.num_kv_heads, d.head_dim,
+                                    d.logits_positions, digits, SegmentedSession(runner) if runner else None)
+        finally:
+            if runner is not None:
+                runner.close()
 
     source = open_weights(checkpoint)  # lazy: the references hold one LLM layer at a time, as the export's
     names = match_weight_names(source, bundle / fp32.decoder.file, set(quantized))
