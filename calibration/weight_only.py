@@ -11,8 +11,10 @@
   weight-only quantization.
 
 The rewrites work on any exported decoder (fp32 or fp16 activations); weights are matched across graphs by their
-MatMul node's name, which is the same in every precision's export. `HessianTap` records Σ xᵀx of every quantized
-MatMul's input while the runtime drives the fp32 decoder on calibration crops (GPTQ's statistics).
+MatMul node's name, which is the same in every precision's export. Each form is written weight by weight
+(`matmul_nbits_writer` / `blocked_qdq_writer`, form_writer.py): quantize adds each weight as soon as it is quantized.
+`accumulate` (and `HessianTap`, a runner doing it per call) sums Σ xᵀx of the quantized MatMuls' inputs while the
+runtime drives the fp32 decoder on calibration crops (GPTQ's statistics).
 """
 from __future__ import annotations
 
