@@ -10,6 +10,14 @@ load), one run. Random weights make the answers meaningless; template decoding's
     python -m benchmarks.quant_fullwidth --tokenizer ../shared/fixtures/llama-tokenizer \\
         --coco ../shared/data/coco-mini/person_keypoints.json --images ../shared/data/coco-mini/images \\
         --layers 2 --persons 4 --out benchmarks/results/cpu-fullwidth-quant-bench.json
+
+`--memory` (issue #24) instead measures `quantize` itself as a user runs it — int4, RTN and GPTQ, validation against
+the PyTorch checkpoint on, each in its own process — on an fp32 + fp16 bundle of each `--layers` count in turn,
+and fits the per-layer slope of peak RSS and seconds between the first two counts, extrapolated to 32 layers:
+
+    python -m benchmarks.quant_fullwidth --memory --layers 2 4 --tokenizer ../shared/fixtures/llama-tokenizer \
+        --coco ../shared/data/coco-mini/person_keypoints.json --images ../shared/data/coco-mini/images \
+        --samples 4 --out benchmarks/results/cpu-fullwidth-quantize-memory.json
 """
 from __future__ import annotations
 
@@ -25,6 +33,7 @@ from typing import Any
 from benchmarks.bench import BenchConfig, benchmark
 from benchmarks.export_memory import write_checkpoint
 from benchmarks.recorded import recorded
+from runtime.results import write_json
 from exporter.bundle import ExportConfig, export_bundle
 
 
@@ -34,7 +43,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--coco", required=True, type=Path)
     p.add_argument("--images", required=True, type=Path)
     p.add_argument("--preset", default="posellm-7b", help="model shapes (tiny: the CPU smoke test)")
-    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--layers", type=int, nargs="+", default=[2], help="LLM layers (--memory: one run per count)")
+    p.add_argument("--memory", action="store_true", help="measure quantize's peak RSS and seconds (issue #24)")
+    p.add_argument("--methods", nargs="+", default=["rtn", "gptq"], help="--memory: quantize methods")
+    p.add_argument("--samples", type=int, default=4, help="--memory: GPTQ calibration persons")
+    p.add_argument("--segment-layers", type=int, default=None, help="--memory: quantize --segment-layers")
+    p.add_argument("--hessian-layers", type=int, default=None, help="--memory: quantize --hessian-layers")
     p.add_argument("--persons", type=int, default=4, help="timed persons per variant (0: quantize only, no bench)")
     p.add_argument("--levels", type=int, nargs="+", default=[4, 0], help="MatMulNBits accuracy levels to time")
     p.add_argument("--block-size", type=int, default=64)
@@ -59,8 +73,89 @@ def _ratios(rows: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return out
 
 
+FULL_LAYERS = 32  # Vicuna-7B
+
+
+def _quantize_run(a: argparse.Namespace, bundle: Path, ckpt: Path, method: str) -> dict[str, Any]:
+    """`posellm-edge quantize` int4 in its own process (its peak RSS is quantize's alone), validation on."""
+    name = f"int4_{method}"
+    cmd = [sys.executable, "-m", "posellm_edge.cli", "quantize", str(bundle), "--bits", "4", "--block-size",
+           str(a.block_size), "--method", method, "--name", name, "--checkpoint", str(ckpt), "--overwrite"]
+    if method == "gptq":
+        cmd += ["--coco", str(a.coco), "--images", str(a.images), "--samples", str(a.samples)]
+    for flag, value in (("--threads", a.threads), ("--segment-layers", a.segment_layers),
+                        ("--hessian-layers", a.hessian_layers)):
+        if value:
+            cmd += [flag, str(value)]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode:
+        raise RuntimeError(f"quantize {name} failed ({proc.returncode}): {proc.stderr[-3000:]}")
+    art = json.loads((bundle / name / "quantization.json").read_text())
+    variant_bytes = art["sizes"]["onnxruntime_weight_bytes"]
+    return {"seconds": art["seconds"], "wall_s": round(time.perf_counter() - t0, 1),
+            "peak_rss_gb": round(art["peak_rss_bytes"] / 1e9, 3), "peak_rss_gb_by_step": art.get("peak_rss_gb_by_step"),
+            "variant_weight_bytes": variant_bytes, "fp16_weight_bytes": art["sizes"]["fp16_weight_bytes"],
+            "ratio_vs_fp16": art["sizes"]["onnxruntime_ratio_vs_fp16"],
+            "tensorrt_ratio_vs_fp16": art["sizes"]["tensorrt_ratio_vs_fp16"],
+            "bound_gb": round((2 * variant_bytes + 4e9) / 1e9, 3),
+            "meets_bound": art["peak_rss_bytes"] <= 2 * variant_bytes + 4e9,
+            "validation_passed": all(c["passed"] for checks in art["validation"]["same_weights"].values()
+                                     for c in checks),
+            "data": {k: art["data"].get(k) for k in ("persons", "decoder_calls", "passes", "layers_per_pass")}
+            if art["data"] else None,
+            "log": proc.stdout.strip().splitlines()}
+
+
+def _per_layer(runs: dict[int, dict[str, Any]], lo: int, hi: int) -> dict[str, Any]:
+    """Linear in the layer count (every layer has the same shapes): slope between two counts, value at 32."""
+    out = {}
+    for key in ("peak_rss_gb", "seconds", "variant_weight_bytes", "fp16_weight_bytes"):
+        slope = (runs[hi][key] - runs[lo][key]) / (hi - lo)
+        out[f"{key}_per_layer"] = round(slope, 4)
+        out[f"{key}_at_{FULL_LAYERS}"] = round(runs[hi][key] + slope * (FULL_LAYERS - hi), 3)
+    out[f"ratio_vs_fp16_per_layer"] = round(out["variant_weight_bytes_per_layer"] / out["fp16_weight_bytes_per_layer"], 4)
+    v32 = out[f"variant_weight_bytes_at_{FULL_LAYERS}"]
+    out[f"bound_gb_at_{FULL_LAYERS}"] = round((2 * v32 + 4e9) / 1e9, 3)
+    return out
+
+
+def memory(a: argparse.Namespace) -> dict[str, Any]:
+    res: dict[str, Any] = {
+        "what": "peak RSS (the quantize process's own VmHWM) and seconds of `posellm-edge quantize` int4 (RTN, and "
+                "GPTQ on COCO person crops), validation against the PyTorch checkpoint on, each in its own process, "
+                f"on a full-width {a.preset} fp32 + fp16 bundle of each layer count (random LocLLM-layout "
+                "checkpoint); per-layer slope between the first two counts, linear extrapolation to 32 layers",
+        "command": "python -m benchmarks.quant_fullwidth " + " ".join(sys.argv[1:]),
+        "bound": "peak RSS <= 2 x the int4 variant's weight bytes (MatMulNBits form) + 4 GB",
+        "preset": a.preset, "block_size": a.block_size, "samples": a.samples, "threads": a.threads,
+        "segment_layers": a.segment_layers, "hessian_layers": a.hessian_layers, "runs": {}}
+    ckpt, bundle = a.work / "ckpt", a.work / "bundle"
+    with recorded(a.out, res, a.work):
+        for layers in a.layers:
+            write_checkpoint(ckpt, a.tokenizer, a.preset, layers)
+            export_bundle(ExportConfig(ckpt, bundle, precisions=("fp32", "fp16"), max_persons=1, overwrite=True,
+                                       validate=False))
+            res["runs"][str(layers)] = runs = {}
+            for method in a.methods:
+                runs[method] = _quantize_run(a, bundle, ckpt, method)
+                r = runs[method]
+                print(f"{layers} layers {method}: peak RSS {r['peak_rss_gb']:.2f} GB (bound {r['bound_gb']:.2f}), "
+                      f"{r['seconds']:.0f}s, int4/fp16 {r['ratio_vs_fp16']}")
+                write_json(a.out, res)
+            shutil.rmtree(bundle, ignore_errors=True)
+        if len(a.layers) >= 2:
+            lo, hi = a.layers[:2]
+            res["per_layer"] = {m: _per_layer({lo: res["runs"][str(lo)][m], hi: res["runs"][str(hi)][m]}, lo, hi)
+                                for m in a.methods}
+    return res
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     a = parse_args(argv)
+    if a.memory:
+        return memory(a)
+    a.layers = a.layers[0]
     res: dict[str, Any] = {"preset": a.preset, "layers": a.layers, "persons": a.persons,
                            "block_size": a.block_size, "method": "rtn", "decoding": "template",
                            "backend": "onnxruntime (CPU EP)"}

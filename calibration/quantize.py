@@ -15,6 +15,7 @@ fp32 model (reported: that is the quantization error).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import shutil
@@ -26,20 +27,22 @@ from typing import Any, Callable
 import numpy as np
 import onnx
 
-from runtime.backends.base import Stopwatch
-from runtime.backends.onnxruntime import OrtRunner
+from runtime.backends.base import GraphRunner, Stopwatch
+from runtime.backends.onnxruntime import OrtRunner, session_options
 from runtime.decoding import Decoder
 from runtime.errors import InputError
 from runtime.manifest import GraphForm, GraphSpec, Manifest, Variant, load_manifest, sha256_file
-from runtime.memory import current_rss_bytes, peak_rss_bytes, peak_rss_context
+from runtime.memory import current_rss_bytes, peak_rss_bytes, peak_rss_context, reset_peak_rss
 from runtime.preprocess import CropSpec
 
 from .blockwise import BITS, BLOCK_SIZES, BlockQuantized, quantize_gptq, quantize_rtn
 from .calibrate import _diff, _int8_spec, _publish, weight_bytes
 from .data import array_sha256, load_person_crops
 from .qdq import QuantizationError
-from .weight_only import (ACCURACY_LEVELS, HessianTap, accuracy_level_twin, load_weight, matmul_weights,
-                          write_blocked_qdq, write_matmul_nbits)
+from .form_writer import WrittenWeights, load_weight
+from .segmented import SegmentedRunner
+from .weight_only import (ACCURACY_LEVELS, accumulate, accuracy_level_twin, blocked_qdq_writer, matmul_nbits_writer,
+                          matmul_weights)
 
 METHODS = ("gptq", "rtn")
 # Level 4 vs level 0 on the same weights: per-block int8 activations moved the shipped model's prefill logits by
@@ -72,6 +75,11 @@ class QuantizeConfig:
     seed: int = 0
     overwrite: bool = False
     threads: int | None = None
+    # Bounded memory at 7B (issue #24): the fp32 and MatMulNBits decoders run this many LLM layers per onnxruntime
+    # session (segmented.py), and GPTQ holds the input statistics of this many layers at a time (float64 Σ xᵀx:
+    # 1.4 GB per Vicuna-7B layer), replayed from one recorded calibration decoding (Calibration).
+    segment_layers: int = 1
+    hessian_layers: int = 1
 
     def __post_init__(self) -> None:
         if self.bits not in BITS:
@@ -84,6 +92,9 @@ class QuantizeConfig:
             raise InputError(f"method={self.method!r}: expected one of {list(METHODS)}")
         if self.method == "gptq" and (self.coco is None or self.images is None):
             raise InputError("method='gptq' needs calibration crops: pass --coco and --images (or --method rtn)")
+        if self.segment_layers < 1 or self.hessian_layers < 1:
+            raise InputError(f"segment_layers={self.segment_layers}, hessian_layers={self.hessian_layers}: "
+                             "expected >= 1")
         if self.samples < 1:
             raise InputError(f"samples={self.samples}: expected >= 1")
         if self.accuracy_level not in ACCURACY_LEVELS:
@@ -124,42 +135,87 @@ def quantize_bundle(cfg: QuantizeConfig, log: Callable[[str], None] = print) -> 
     # only (exporter/trt_ops.py), and the MatMulNBits form then carries the column's scale in every block
     per_channel = {n: bits[n] == 8 and cfg.bits == 4 for n in chosen}
 
-    data: dict[str, Any] = {}
-    hessians: dict[str, np.ndarray] = {}
-    if cfg.coco is not None and cfg.images is not None:
-        t0 = time.perf_counter()
-        hessians, data = _collect_hessians(cfg, manifest, bundle, fp32, {n: aw[0] for n, aw in chosen.items()})
-        log(f"collected input statistics of {len(chosen)} decoder MatMuls from {data['persons']} persons "
-            f"({data['decoder_calls']} decoder calls) in {time.perf_counter() - t0:.1f}s")
+    phases: dict[str, int] = {}  # peak RSS of each step (VmHWM, restarted after each)
 
-    t0 = time.perf_counter()
-    quantized, errors = {}, {}
-    base = str((bundle / fp32.decoder.file).parent)
-    for node, (act, weight) in chosen.items():
-        w = load_weight(src32, weight, base).astype(np.float32)
-        rtn = quantize_rtn(w, bits[node], cfg.block_size, node, per_channel[node])
-        gptq = (quantize_gptq(w, hessians[act], bits[node], cfg.block_size, cfg.damp, node, per_channel[node])
-                if cfg.method == "gptq" else None)
-        quantized[node] = gptq if gptq is not None else rtn
-        if act in hessians:  # the output error each method leaves on the calibration activations
-            errors[node] = {"rtn": _output_error(w, rtn, hessians[act]),
-                            **({"gptq": _output_error(w, gptq, hessians[act])} if gptq is not None else {})}
-    log(f"quantized {len(quantized)} weights ({cfg.method}, int{cfg.bits}, block {cfg.block_size}) in "
-        f"{time.perf_counter() - t0:.1f}s")
-    for key in ("rtn", "gptq"):
-        vals = [e[key] for e in errors.values() if key in e]
-        if vals:
-            log(f"  {key}: mean relative output error ||X(W - Wq)|| / ||XW|| over the calibration tokens "
-                f"{np.mean(vals):.4f} (max {np.max(vals):.4f})")
+    def phase(label: str) -> None:
+        phases[label] = max(phases.get(label, 0), peak_rss_bytes())
+        reset_peak_rss()
 
     tmp = bundle / f".{name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
+    calibration = None
     try:
-        cpu_form = write_matmul_nbits(bundle / fp32.decoder.file, tmp / "decoder.onnx", quantized,
-                                      cfg.accuracy_level)
+        phase("setup")
         trt_source = fp16 or fp32
-        trt_form = write_blocked_qdq(bundle / trt_source.decoder.file, tmp / "decoder_qdq.onnx", quantized)
+        base = str((bundle / fp32.decoder.file).parent)
+        data: dict[str, Any] = {}
+        errors: dict[str, dict[str, float]] = {}
+        shapes: dict[str, list[int]] = {}
+        # Both forms are written weight by weight as each is quantized: one weight's ints in memory at a time.
+        stats_s = quant_s = 0.0
+        writers = {"onnxruntime": matmul_nbits_writer(bundle / fp32.decoder.file, tmp / "decoder.onnx",
+                                                      cfg.accuracy_level),
+                   "tensorrt": blocked_qdq_writer(bundle / trt_source.decoder.file, tmp / "decoder_qdq.onnx")}
+        try:
+            calibration = None
+            if cfg.coco is not None and cfg.images is not None:
+                t0 = time.perf_counter()
+                calibration = Calibration(cfg, manifest, bundle, fp32, {aw[0] for aw in chosen.values()},
+                                          bundle / f".{name}.calibration-{os.getpid()}")
+                stats_s += time.perf_counter() - t0
+                phase("calibration decoding (recorded)")
+            groups = layer_groups(list(chosen), manifest.dims.num_layers, cfg.hessian_layers)
+            for group in groups:
+                hessians: dict[str, np.ndarray] = {}
+                if calibration is not None:  # this group's input statistics only (one decoding pass)
+                    t0 = time.perf_counter()
+                    hessians = calibration.collect({chosen[n][0] for n in group})
+                    stats_s += time.perf_counter() - t0
+                t0 = time.perf_counter()
+                last_use = {chosen[n][0]: n for n in group}  # q/k/v share an input: freed after the last of them
+                for node in group:
+                    act, weight = chosen[node]
+                    w = load_weight(src32, weight, base).astype(np.float32)
+                    rtn = quantize_rtn(w, bits[node], cfg.block_size, node, per_channel[node])
+                    gptq = (quantize_gptq(w, hessians[act], bits[node], cfg.block_size, cfg.damp, node,
+                                          per_channel[node])
+                            if cfg.method == "gptq" else None)
+                    chosen_q = gptq if gptq is not None else rtn
+                    for writer in writers.values():
+                        writer.add(node, chosen_q)
+                    shapes[node] = list(chosen_q.q.shape)
+                    if act in hessians:  # the output error each method leaves on the calibration activations
+                        errors[node] = {"rtn": _output_error(w, rtn, hessians[act]),
+                                        **({"gptq": _output_error(w, gptq, hessians[act])} if gptq is not None
+                                           else {})}
+                    del w, rtn, gptq, chosen_q
+                    if last_use.get(act) == node:
+                        hessians.pop(act, None)
+                del hessians
+                phase("statistics replayed, weights quantized and written (per group)")
+                quant_s += time.perf_counter() - t0
+            if calibration is not None:
+                data = calibration.summary()
+                log(f"collected input statistics of {len(chosen)} decoder MatMuls from {data['persons']} persons "
+                    f"({data['decoder_calls']} decoder calls, recorded ({data['recorded_gb']} GB) and replayed "
+                    f"{data['passes']} times, {cfg.hessian_layers} layer(s) each) in {stats_s:.1f}s")
+            cpu_form = {**writers["onnxruntime"].finish(), "form": "matmul_nbits",
+                        "accuracy_level": cfg.accuracy_level}
+            trt_form = {**writers["tensorrt"].finish(), "form": "blocked_qdq"}
+            phase("forms finished")
+        finally:
+            for writer in writers.values():
+                writer.close()
+            if calibration is not None:
+                calibration.close()
+        log(f"quantized {len(shapes)} weights ({cfg.method}, int{cfg.bits}, block {cfg.block_size}) in "
+            f"{quant_s:.1f}s, written as they came")
+        for key in ("rtn", "gptq"):
+            vals = [e[key] for e in errors.values() if key in e]
+            if vals:
+                log(f"  {key}: mean relative output error ||X(W - Wq)|| / ||XW|| over the calibration tokens "
+                    f"{np.mean(vals):.4f} (max {np.max(vals):.4f})")
         decoder_spec = _int8_spec(fp32.decoder, tmp / "decoder.onnx", name)
         qdq_spec = _int8_spec(trt_source.decoder, tmp / "decoder_qdq.onnx", name)
         # Exactness checks run on the weight-only twin (accuracy level 0: same file, same weights, float math);
@@ -168,7 +224,7 @@ def quantize_bundle(cfg: QuantizeConfig, log: Callable[[str], None] = print) -> 
         exact = shipped if cfg.accuracy_level == 0 else accuracy_level_twin(shipped, 0)
         try:
             checks = _compare_forms(manifest, bundle, fp32, trt_source, exact, shipped, tmp / "decoder_qdq.onnx",
-                                    decoder_spec, qdq_spec, cfg.threads)
+                                    decoder_spec, qdq_spec, cfg)
             log(f"forms on onnxruntime CPU (prefill logits, {checks['persons']} persons): "
                 f"MatMulNBits vs Q/DQ ({trt_form['activation_dtype']}) max|diff| "
                 f"{checks['matmul_nbits_vs_qdq']['max_abs']:.3e}; MatMulNBits vs fp32 "
@@ -184,12 +240,16 @@ def quantize_bundle(cfg: QuantizeConfig, log: Callable[[str], None] = print) -> 
                         f"accuracy level {cfg.accuracy_level}: the int8-activation kernels move the prefill logits by "
                         f"{a['max_abs']:.3e}, more than {ACTIVATION_QUANT_BOUND:.0%} of max|logits| "
                         f"({a['ref_max_abs']:.3e}); use --accuracy-level 0")
+            phase("forms compared on onnxruntime")
             validation = None
             if cfg.checkpoint is not None:
                 from .weight_only_validate import validate_against_pytorch
-                validation = validate_against_pytorch(Path(cfg.checkpoint), manifest, bundle, fp32, quantized,
+                validation = validate_against_pytorch(Path(cfg.checkpoint), manifest, bundle, fp32,
+                                                      WrittenWeights(tmp / "decoder_qdq.onnx"),
                                                       exact, shipped, tmp / "decoder_qdq.onnx",
-                                                      "fp16" if fp16 else "fp32", log)
+                                                      "fp16" if fp16 else "fp32", log, cfg.segment_layers)
+            if cfg.checkpoint is not None:
+                phase("validated against PyTorch")
         finally:
             if exact != shipped:
                 exact.unlink(missing_ok=True)
@@ -200,14 +260,15 @@ def quantize_bundle(cfg: QuantizeConfig, log: Callable[[str], None] = print) -> 
             "damp": cfg.damp if cfg.method == "gptq" else None, "data": data,
             "forms": {"onnxruntime": {**cpu_form, "file": decoder_spec.file},
                       "tensorrt": {**trt_form, "file": qdq_spec.file}},
-            "weights": {n: {"shape": list(q.q.shape), "bits": q.bits, **errors.get(n, {})}
-                        for n, q in quantized.items()},
+            "weights": {n: {"shape": shape, "bits": bits[n], **errors.get(n, {})} for n, shape in shapes.items()},
             "output_error": {k: float(np.mean([e[k] for e in errors.values() if k in e]))
                              for k in ("rtn", "gptq") if any(k in e for e in errors.values())},
             "checks": checks, "validation": validation,
             "sizes": decoder_sizes(bundle, fp16, tmp, {"onnxruntime": decoder_spec, "tensorrt": qdq_spec}),
             # the process's peak RSS so far (quantize's own when it runs alone, as the CLI does) and its seconds
-            "peak_rss_bytes": peak_rss_bytes(), "seconds": round(time.perf_counter() - start, 2),
+            "peak_rss_bytes": max([peak_rss_bytes(), *phases.values()]),
+            "peak_rss_gb_by_step": {k: round(v / 1e9, 3) for k, v in phases.items()},
+            "seconds": round(time.perf_counter() - start, 2),
             "baseline_rss_bytes": baseline_rss,  # RSS when quantize began: the floor of the peak
             # the files this step writes for the variant (both decoder forms; vision and embedding are fp32's)
             "bytes_written": sum(p.stat().st_size for p in tmp.rglob("*") if p.is_file()),
@@ -235,6 +296,7 @@ def quantize_bundle(cfg: QuantizeConfig, log: Callable[[str], None] = print) -> 
             log(f"{name} decoder ({form} form): {sizes[f'{form}_weight_bytes']} weight bytes = {ratio:.3f}x fp16")
     seconds = time.perf_counter() - start
     written, peak = artifact["bytes_written"], artifact["peak_rss_bytes"]
+    log("peak RSS by step: " + ", ".join(f"{k} {v / 1e9:.2f} GB" for k, v in phases.items()))
     log(f"{name} variant written in {seconds:.1f}s: {written / 1e6:.1f} MB written, peak RSS {peak / 1e9:.2f} GB "
         f"({peak_rss_context(peak, written, baseline_rss)})")
     return QuantizeResult(bundle, manifest.variants[name], artifact, seconds)
@@ -268,36 +330,110 @@ def _output_error(w: np.ndarray, bq: BlockQuantized, h: np.ndarray) -> float:
     return float(np.sqrt(num / den)) if den > 0 else 0.0
 
 
-def _collect_hessians(cfg: QuantizeConfig, manifest: Manifest, bundle: Path, fp32: Variant,
-                      acts: dict[str, str]) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    """Σ xᵀx per MatMul input while the fp32 graphs decode `samples` person crops the way the runtime does."""
-    spec = CropSpec(crop_size=manifest.preprocess.crop_size, mean=tuple(manifest.preprocess.mean),
-                    std=tuple(manifest.preprocess.std))
-    crops = load_person_crops(Path(cfg.coco), Path(cfg.images), cfg.samples, cfg.seed, spec)
-    vision = OrtRunner(bundle / fp32.vision.file, fp32.vision, threads=cfg.threads)
-    tap = HessianTap(bundle / fp32.decoder.file, fp32.decoder, acts, threads=cfg.threads)
-    try:
+def layer_groups(nodes: list[str], num_layers: int, layers_per_group: int) -> list[list[str]]:
+    """The quantized MatMuls (graph order) in groups of `layers_per_group` LLM layers: the exporter writes each
+    layer's projections together, so equal runs of the graph-ordered weights are the layers; a MatMul past the last
+    layer (lm_head) joins the last group."""
+    per_layer = max(1, len(nodes) // num_layers)
+    size = per_layer * layers_per_group
+    end = per_layer * num_layers
+    groups = [nodes[i:min(i + size, end)] for i in range(0, end, size)]
+    groups[-1] += nodes[per_layer * num_layers:]
+    return [g for g in groups if g]
+
+
+class Calibration:
+    """GPTQ's statistics: Σ xᵀx per MatMul input while the fp32 graphs decode `samples` person crops the way the
+    runtime does. At 7B all 32 layers' statistics would be 45 GB (float64), and the fp32 decoder 26 GB, so:
+    one decoding pass runs the decoder `hessian_layers` LLM layers per session (segmented.py) and records every
+    call's inputs of every segment on disk; `collect` then replays one segment's recorded calls with its MatMul
+    inputs tapped — bit for bit what a whole-graph tap saw — holding that segment's statistics only. Every layer
+    runs twice in all, whatever the number of groups."""
+
+    def __init__(self, cfg: QuantizeConfig, manifest: Manifest, bundle: Path, fp32: Variant, acts: set[str],
+                 scratch: Path) -> None:
+        self.cfg = cfg
+        spec = CropSpec(crop_size=manifest.preprocess.crop_size, mean=tuple(manifest.preprocess.mean),
+                        std=tuple(manifest.preprocess.std))
+        self.crops = load_person_crops(Path(cfg.coco), Path(cfg.images), cfg.samples, cfg.seed, spec)
+        vision = OrtRunner(bundle / fp32.vision.file, fp32.vision, threads=cfg.threads)
+        step = manifest.max_persons
+        embeds = [np.asarray(vision({"pixel_values": self.crops.pixel_values[i:i + step]})["image_embeds"])
+                  for i in range(0, len(self.crops.pixel_values), step)]
+        del vision  # its weights are not needed while the decoder runs
+        scratch.mkdir()
+        try:
+            self._record(cfg, manifest, bundle, fp32, acts, scratch, embeds)
+        except BaseException:
+            shutil.rmtree(scratch, ignore_errors=True)
+            raise
+        self.digests: dict[str, str] = {}
+        self.tokens: dict[str, int] = {}
+        self.replays = 0
+
+    def _record(self, cfg: QuantizeConfig, manifest: Manifest, bundle: Path, fp32: Variant, acts: set[str],
+                scratch: Path, embeds: list[np.ndarray]) -> None:
+        self.runner = SegmentedRunner(bundle / fp32.decoder.file, fp32.decoder, manifest.dims.num_layers,
+                                      lambda: session_options(cfg.threads), cfg.hessian_layers,
+                                      taps=sorted(acts), record=scratch)
+        self.runner.active_taps = set()  # the recording pass returns the graph's outputs only
         table = np.load(bundle / fp32.embedding, mmap_mode="r")
-        decoder = Decoder(manifest, tap, table, lambda ids: "")
+        decoder = Decoder(manifest, self.runner, table, lambda ids: "")
         suffixes = [list(k.suffix_ids) for k in manifest.prompts.keypoints]
-        template = manifest.prompts.answer_template_ids is not None and manifest.prompts.digit_ids is not None
-        for i in range(0, len(crops.pixel_values), manifest.max_persons):
-            embeds = np.asarray(vision({"pixel_values": crops.pixel_values[i:i + manifest.max_persons]})
-                                ["image_embeds"])
-            (decoder.template if template else decoder.free)(embeds, suffixes, Stopwatch())
-        hessians = dict(tap.hessians)
-        data = {"coco": Path(cfg.coco).name, "seed": cfg.seed, "persons": int(len(crops.pixel_values)),
-                "available_persons": crops.available, "crops_sha256": crops.sha256,
-                "sha256": array_sha256(crops.pixel_values, *[hessians[a] for a in sorted(hessians)]),
-                "decoding": "template" if template else "free", "decoder_calls": tap.calls,
-                "tokens_per_input": {a: int(n) for a, n in sorted(tap.tokens.items())}}
-        return hessians, data
-    finally:
-        tap.close()
+        p = manifest.prompts
+        self.template = p.answer_template_ids is not None and p.digit_ids is not None
+        for e in embeds:
+            (decoder.template if self.template else decoder.free)(e, suffixes, Stopwatch())
+        self.runner.release()
+        self.recorded_bytes = sum(f.stat().st_size for f in scratch.iterdir())
+
+    def collect(self, acts: set[str]) -> dict[str, np.ndarray]:
+        by_segment: dict[int, list[str]] = {}
+        for a in sorted(acts):
+            by_segment.setdefault(self.runner.segment_of(a), []).append(a)
+        hessians: dict[str, np.ndarray] = {}
+        tokens: dict[str, int] = {}
+        for call in range(self.runner.calls):  # in call order, as the decoding accumulated them
+            outs = {}
+            for seg, names in by_segment.items():
+                outs.update(self.runner.run_segment(seg, call, names))
+            accumulate(hessians, tokens, outs, self.runner.recorded_mask(call))
+        self.runner.release()
+        self.replays += 1
+        self.tokens.update(tokens)
+        self.digests.update({a: array_sha256(h) for a, h in hessians.items()})
+        return hessians
+
+    def close(self) -> None:
+        self.runner.close()
+        if self.runner.record is not None:
+            shutil.rmtree(self.runner.record, ignore_errors=True)
+
+    def summary(self) -> dict[str, Any]:
+        c = self.crops
+        return {"coco": Path(self.cfg.coco).name, "seed": self.cfg.seed, "persons": int(len(c.pixel_values)),
+                "available_persons": c.available, "crops_sha256": c.sha256,
+                # identity of the crops and of every input's statistics (collected a few layers at a time)
+                "sha256": hashlib.sha256((c.sha256 + "".join(f"{a}:{d}" for a, d in sorted(self.digests.items())))
+                                         .encode()).hexdigest(),
+                "decoding": "template" if self.template else "free", "decoder_calls": self.runner.calls,
+                "passes": self.replays, "layers_per_pass": self.cfg.hessian_layers,
+                "recorded_gb": round(self.recorded_bytes / 1e9, 3),
+                "tokens_per_input": dict(sorted(self.tokens.items()))}
+
+
+def _decoder_runner(path: Path, spec: GraphSpec, manifest: Manifest, cfg: QuantizeConfig) -> GraphRunner:
+    """fp32-activation decoders run a few layers per session (bit for bit the whole graph's outputs). An
+    fp16-activation one runs whole: onnxruntime's CPU EP computes its fp16 nodes in fp32 and keeps the values in
+    fp32 between them, which a cut would round to fp16 — and its weights are int4 there, the variant's own size."""
+    if next(t.dtype for t in spec.inputs if t.name == "inputs_embeds") != "float32":
+        return OrtRunner(path, spec, threads=cfg.threads)
+    return SegmentedRunner(path, spec, manifest.dims.num_layers, lambda: session_options(cfg.threads),
+                           cfg.segment_layers)
 
 
 def _compare_forms(manifest: Manifest, bundle: Path, fp32: Variant, trt_source: Variant, exact: Path, shipped: Path,
-                   qdq: Path, decoder_spec: GraphSpec, qdq_spec: GraphSpec, threads: int | None) -> dict[str, Any]:
+                   qdq: Path, decoder_spec: GraphSpec, qdq_spec: GraphSpec, cfg: QuantizeConfig) -> dict[str, Any]:
     """Prefill logits (prefix + keypoint suffixes with the answer head) of both forms and of fp32, on onnxruntime
     CPU, for synthetic image embeddings of two persons (the forms are compared, not the vision graph). `exact` is
     the MatMulNBits graph at accuracy level 0; `shipped` the variant's own (the same file when its level is 0)."""
@@ -309,11 +445,15 @@ def _compare_forms(manifest: Manifest, bundle: Path, fp32: Variant, trt_source: 
     head = list(p.answer_template_ids[:p.digit_positions[0]]) if p.answer_template_ids else []
 
     def prefill(file: Path, spec: GraphSpec, embedding: str) -> np.ndarray:
-        runner = OrtRunner(file, spec, threads=threads)
-        table = np.load(bundle / embedding, mmap_mode="r")
-        out = Decoder(manifest, runner, table, lambda ids: "").prefill(embeds.astype(table.dtype), suffixes, head,
-                                                                      Stopwatch())[0]
-        return runner.to_numpy(out.logits).astype(np.float32)
+        runner = _decoder_runner(file, spec, manifest, cfg)
+        try:
+            table = np.load(bundle / embedding, mmap_mode="r")
+            out = Decoder(manifest, runner, table, lambda ids: "").prefill(embeds.astype(table.dtype), suffixes,
+                                                                          head, Stopwatch())[0]
+            return runner.to_numpy(out.logits).astype(np.float32)
+        finally:
+            if isinstance(runner, SegmentedRunner):
+                runner.close()  # its segment graphs sit beside the decoder (in the staging folder too)
 
     ref = prefill(bundle / fp32.decoder.file, fp32.decoder, fp32.embedding)
     nbits = prefill(exact, decoder_spec, fp32.embedding)

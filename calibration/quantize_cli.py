@@ -37,6 +37,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=d["seed"].default, help="seed of the crop subset")
     parser.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing variant of that name")
+    parser.add_argument("--segment-layers", type=int, default=d["segment_layers"].default,
+                        help="LLM layers per onnxruntime session of the fp32 / MatMulNBits decoders: bounds memory "
+                             "at 7B (default: %(default)s)")
+    parser.add_argument("--hessian-layers", type=int, default=d["hessian_layers"].default,
+                        help="GPTQ: LLM layers whose input statistics one calibration pass collects (float64, "
+                             "1.4 GB per 7B layer); the crops are decoded layers / this times (default: %(default)s)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -44,7 +50,8 @@ def run(args: argparse.Namespace) -> int:
                          block_size=args.block_size, method=args.method, samples=args.samples, lm_head=args.lm_head,
                          lm_head_bits=args.lm_head_bits,
                          accuracy_level=args.accuracy_level, name=args.name, checkpoint=args.checkpoint,
-                         seed=args.seed, overwrite=args.overwrite, threads=args.threads)
+                         seed=args.seed, overwrite=args.overwrite, threads=args.threads,
+                         segment_layers=args.segment_layers, hessian_layers=args.hessian_layers)
     result = quantize_bundle(cfg)
     print(f"{result.variant.precision} variant added to {result.bundle} in {result.seconds:.1f}s")
     return 0

@@ -11,13 +11,13 @@
   weight-only quantization.
 
 The rewrites work on any exported decoder (fp32 or fp16 activations); weights are matched across graphs by their
-MatMul node's name, which is the same in every precision's export. `HessianTap` records Σ xᵀx of every quantized
-MatMul's input while the runtime drives the fp32 decoder on calibration crops (GPTQ's statistics).
+MatMul node's name, which is the same in every precision's export. Each form is written weight by weight
+(`matmul_nbits_writer` / `blocked_qdq_writer`, form_writer.py): quantize adds each weight as soon as it is quantized.
+`accumulate` (and `HessianTap`, a runner doing it per call) sums Σ xᵀx of the quantized MatMuls' inputs while the
+runtime drives the fp32 decoder on calibration crops (GPTQ's statistics).
 """
 from __future__ import annotations
 
-import os
-import tempfile
 from collections import defaultdict
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -28,14 +28,14 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from runtime.backends.base import GraphRunner
-from runtime.backends.onnxruntime import OrtRunner
 from runtime.manifest import GraphSpec
 
 from .blockwise import BlockQuantized, pack_matmul_nbits
-from .qdq import QuantizationError, save_graph, set_initializers
+from .form_writer import MS_DOMAIN, FormWriter, load_weight  # noqa: F401 (load_weight: this module's API)
+from .qdq import QuantizationError
+from .segmented import SegmentedRunner
 
 BLOCKED_DQ_OPSET = 21  # DequantizeLinear's block_size and int4 types
-MS_DOMAIN = "com.microsoft"
 
 
 def matmul_weights(model: onnx.ModelProto) -> dict[str, tuple[str, str]]:
@@ -52,67 +52,11 @@ def matmul_weights(model: onnx.ModelProto) -> dict[str, tuple[str, str]]:
     return out
 
 
-def load_weight(model: onnx.ModelProto, name: str, base: str) -> np.ndarray:
-    t = next(t for t in model.graph.initializer if t.name == name)
-    return numpy_helper.to_array(t, base_dir=base)
-
-
-def _graph_dtype(model: onnx.ModelProto, weights: Iterable[str]) -> np.dtype:
-    names = set(weights)
-    types = {t.data_type for t in model.graph.initializer if t.name in names}
-    if types == {TensorProto.FLOAT}:
-        return np.dtype(np.float32)
-    if types == {TensorProto.FLOAT16}:
-        return np.dtype(np.float16)
-    raise QuantizationError(f"MatMul weights have element types {sorted(types)}; expected all float32 or float16")
-
-
-def _rewrite(src: Path, dst: Path, quantized: Mapping[str, BlockQuantized], opset: int | None,
-             replace) -> dict[str, Any]:
-    """Shared frame of both forms: load, call `replace(node, weight, bq, dtype)` → (new nodes, new initializers)
-    for every quantized MatMul, drop the float weights, inline the small remaining initializers, save, check."""
-    model = onnx.load(str(src), load_external_data=False)
-    base = str(Path(src).parent)
-    if opset is not None and _opset(model) < opset:
-        from onnx import version_converter  # rewrites ops whose signature changed; weights stay references
-        model = version_converter.convert_version(model, opset)
-    graph = model.graph
-    weights = matmul_weights(model)
-    missing = sorted(set(quantized) - set(weights))
-    if missing:
-        raise QuantizationError(f"{src}: no MatMul named {missing[:3]} (the quantized set is from another graph)")
-    dtype = _graph_dtype(model, (weights[k][1] for k in quantized))
-    nodes, new_inits, replaced = [], [], set()
-    for node in graph.node:
-        bq = quantized.get(node.name) if node.op_type == "MatMul" else None
-        if bq is None:
-            nodes.append(node)
-            continue
-        w = next(t for t in graph.initializer if t.name == node.input[1])
-        if tuple(w.dims) != bq.q.shape:
-            raise QuantizationError(f"{src}: {node.name} weight is {list(w.dims)}, the quantized one "
-                                    f"{list(bq.q.shape)}")
-        made, inits = replace(node, node.input[1], bq, dtype)
-        nodes += made
-        new_inits += inits
-        replaced.add(node.input[1])
-    still_used = {i for n in nodes for i in n.input}
-    kept = [t for t in graph.initializer if t.name not in replaced or t.name in still_used]
-    set_initializers(graph, kept, new_inits, base)
-    del graph.node[:]
-    graph.node.extend(nodes)
-    if any(n.domain == MS_DOMAIN for n in nodes) and all(o.domain != MS_DOMAIN for o in model.opset_import):
-        model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
-    save_graph(model, Path(dst))
-    onnx.checker.check_model(str(dst))
-    return {"weights": len(quantized), "activation_dtype": dtype.name, "opset": _opset(model)}
-
-
 ACCURACY_LEVELS = (0, 4)  # MatMulNBits on the CPU EP: 0 = weight-only (float math), 4 = int8 activations per block
 
 
-def write_matmul_nbits(src: Path, dst: Path, quantized: Mapping[str, BlockQuantized],
-                       accuracy_level: int = 0) -> dict[str, Any]:
+def matmul_nbits_writer(src: Path, dst: Path, accuracy_level: int = 0) -> FormWriter:
+    """The MatMulNBits form of `src`, written weight by weight (FormWriter.add, then finish)."""
     if accuracy_level not in ACCURACY_LEVELS:
         raise QuantizationError(f"accuracy_level={accuracy_level}: expected one of {list(ACCURACY_LEVELS)}")
 
@@ -126,8 +70,22 @@ def write_matmul_nbits(src: Path, dst: Path, quantized: Mapping[str, BlockQuanti
                               block_size=bq.block_size, accuracy_level=accuracy_level)
         return [op], [b, s]
 
-    summary = _rewrite(src, dst, quantized, None, replace)
+    return FormWriter(src, dst, replace)
+
+
+def write_matmul_nbits(src: Path, dst: Path, quantized: Mapping[str, BlockQuantized],
+                       accuracy_level: int = 0) -> dict[str, Any]:
+    summary = _write_all(matmul_nbits_writer(src, dst, accuracy_level), quantized)
     return {**summary, "form": "matmul_nbits", "accuracy_level": accuracy_level}
+
+
+def _write_all(writer: FormWriter, quantized: Mapping[str, BlockQuantized]) -> dict[str, Any]:
+    try:
+        for node, bq in quantized.items():
+            writer.add(node, bq)
+        return writer.finish()
+    finally:
+        writer.close()
 
 
 def accuracy_level_twin(src: Path, level: int) -> Path:
@@ -146,7 +104,8 @@ def accuracy_level_twin(src: Path, level: int) -> Path:
     return dst
 
 
-def write_blocked_qdq(src: Path, dst: Path, quantized: Mapping[str, BlockQuantized]) -> dict[str, Any]:
+def blocked_qdq_writer(src: Path, dst: Path) -> FormWriter:
+    """The blocked-DequantizeLinear form of `src` (opset 21), written weight by weight."""
     def replace(node, weight: str, bq: BlockQuantized, dtype: np.dtype):
         if bq.bits == 8 and np.all(bq.scales == bq.scales[:1]):  # per-channel int8 (an int4 variant's lm_head)
             return _per_axis_int8(node, weight, bq, dtype)
@@ -164,8 +123,7 @@ def write_blocked_qdq(src: Path, dst: Path, quantized: Mapping[str, BlockQuantiz
         mm = helper.make_node("MatMul", [node.input[0], out], list(node.output), name=node.name)
         return [dq, mm], inits
 
-    summary = _rewrite(src, dst, quantized, BLOCKED_DQ_OPSET, replace)
-    return {**summary, "form": "blocked_qdq"}
+    return FormWriter(src, dst, replace, BLOCKED_DQ_OPSET)
 
 
 def _per_axis_int8(node, weight: str, bq: BlockQuantized, dtype: np.dtype):
@@ -180,33 +138,36 @@ def _per_axis_int8(node, weight: str, bq: BlockQuantized, dtype: np.dtype):
     return [dq, helper.make_node("MatMul", [node.input[0], out], list(node.output), name=node.name)], inits
 
 
-def _opset(model: onnx.ModelProto) -> int:
-    return next(op.version for op in model.opset_import if op.domain in ("", "ai.onnx"))
+def write_blocked_qdq(src: Path, dst: Path, quantized: Mapping[str, BlockQuantized]) -> dict[str, Any]:
+    return {**_write_all(blocked_qdq_writer(src, dst), quantized), "form": "blocked_qdq"}
 
 
 # ------------------------------------------------------------------------------------------ calibration tap
+def accumulate(hessians: dict[str, np.ndarray], tokens: dict[str, int], acts: Mapping[str, Any], attention_mask) -> None:
+    """Σ xᵀx (float64) of one decoder call's MatMul inputs, over the tokens the attention mask marks real."""
+    mask = np.asarray(attention_mask).astype(bool)
+    for a in sorted(acts):
+        x = np.asarray(acts[a], dtype=np.float64)
+        if x.ndim == 3 and x.shape[:2] == (mask.shape[0], min(mask.shape[1], x.shape[1])):
+            x = x[mask[:, -x.shape[1]:]]  # drop left-padding positions
+        x = x.reshape(-1, x.shape[-1])
+        hessians[a] = hessians.get(a, 0) + x.T @ x
+        tokens[a] = tokens.get(a, 0) + len(x)
+
+
 class HessianTap(GraphRunner):
     """A decoder runner that also returns every quantized MatMul's input and accumulates Σ xᵀx per input tensor
-    (q/k/v share one), over the tokens the attention mask marks real."""
+    (q/k/v share one), over the tokens the attention mask marks real. The decoder runs `layers_per_segment` LLM
+    layers at a time (segmented.py): one segment's fp32 weights resident, never the whole decoder's."""
 
-    def __init__(self, path: Path, spec: GraphSpec, nodes: Mapping[str, str], threads: int | None = None) -> None:
+    def __init__(self, path: Path, spec: GraphSpec, nodes: Mapping[str, str], num_layers: int,
+                 threads: int | None = None, layers_per_segment: int = 1) -> None:
+        from runtime.backends.onnxruntime import session_options
         self.spec = spec
-        model = onnx.load(str(path), load_external_data=False)
-        acts = sorted(set(nodes.values()))
-        model.graph.output.extend(helper.make_tensor_value_info(a, TensorProto.FLOAT, None) for a in acts)
-        # Written beside the source graph (a hidden temp name), never in a temp folder: onnxruntime refuses external
-        # data outside a model's own folder, symlinked or not, and a 7B decoder's weights are external data.
-        fd, name = tempfile.mkstemp(prefix=f".{Path(path).stem}.tap-", suffix=".onnx", dir=Path(path).parent)
-        os.close(fd)
-        self._tapped = Path(name)
-        try:
-            onnx.save_model(model, name)
-            self.inner = OrtRunner(self._tapped, spec, threads=threads)
-        except BaseException:
-            self._tapped.unlink(missing_ok=True)
-            raise
+        self.acts = acts = sorted(set(nodes.values()))
+        self.inner = SegmentedRunner(Path(path), spec, num_layers, lambda: session_options(threads),
+                                     layers_per_segment, taps=acts)
         self.inner.check = False
-        self.acts = acts
         self.hessians: dict[str, np.ndarray] = {}
         self.tokens: dict[str, int] = defaultdict(int)
         self.calls = 0
@@ -214,15 +175,8 @@ class HessianTap(GraphRunner):
     def run(self, inputs: Mapping[str, Any], keep_on_device: tuple[str, ...] = ()) -> dict[str, Any]:
         outs = self.inner(inputs)
         self.calls += 1
-        mask = np.asarray(inputs["attention_mask"]).astype(bool)
-        for a in self.acts:
-            x = np.asarray(outs.pop(a), dtype=np.float64)
-            if x.ndim == 3 and x.shape[:2] == (mask.shape[0], min(mask.shape[1], x.shape[1])):
-                x = x[mask[:, -x.shape[1]:]]  # drop left-padding positions
-            x = x.reshape(-1, x.shape[-1])
-            self.hessians[a] = self.hessians.get(a, 0) + x.T @ x
-            self.tokens[a] += len(x)
+        accumulate(self.hessians, self.tokens, {a: outs.pop(a) for a in self.acts}, inputs["attention_mask"])
         return outs
 
     def close(self) -> None:
-        self._tapped.unlink(missing_ok=True)
+        self.inner.close()

@@ -16,13 +16,16 @@ import numpy as np
 import onnx
 import torch
 
-from exporter.validate import ValidationError, format_checks, reference_outputs, validate_variant
+from exporter.validate import (ValidationError, format_checks, reference_outputs, session_options,
+                               validate_variant)
 from posellm.lazy_weights import WeightSource, expected_shapes, open_weights
 from runtime.manifest import Manifest, Variant
 
 from .blockwise import BlockQuantized
 from .qdq import QuantizationError
-from .weight_only import load_weight, matmul_weights
+from .segmented import SegmentedRunner, SegmentedSession
+from .form_writer import load_weight
+from .weight_only import matmul_weights
 
 
 class DequantizedWeights(WeightSource):
@@ -30,7 +33,7 @@ class DequantizedWeights(WeightSource):
     layer-streamed reference (exporter/validate.py) then runs the model the graphs describe without holding it."""
 
     def __init__(self, source: WeightSource, by_name: Mapping[str, BlockQuantized]) -> None:
-        self.source, self.by_name, self.cfg = source, dict(by_name), source.cfg
+        self.source, self.by_name, self.cfg = source, by_name, source.cfg  # by_name may read lazily: not copied
 
     def get(self, name: str) -> torch.Tensor:
         bq = self.by_name.get(name)
@@ -45,6 +48,25 @@ class DequantizedWeights(WeightSource):
 
     def stored_dtypes(self) -> set[torch.dtype]:
         return self.source.stored_dtypes()
+
+
+class _Renamed(Mapping[str, BlockQuantized]):
+    """`quantized` (graph node → weight, possibly read on demand) under the checkpoint's weight names."""
+
+    def __init__(self, quantized: Mapping[str, BlockQuantized], node_of: dict[str, str]) -> None:
+        self.quantized, self.node_of = quantized, node_of
+
+    def __getitem__(self, name: str) -> BlockQuantized:
+        return self.quantized[self.node_of[name]]
+
+    def __iter__(self):
+        return iter(self.node_of)
+
+    def __len__(self) -> int:
+        return len(self.node_of)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.node_of
 
 
 def _digest(a: np.ndarray) -> str:
@@ -74,8 +96,8 @@ def match_weight_names(source: WeightSource, fp32_decoder: Path, nodes: set[str]
 
 def validate_against_pytorch(checkpoint: Path, manifest: Manifest, bundle: Path, fp32: Variant,
                              quantized: Mapping[str, BlockQuantized], nbits_decoder: Path, shipped_decoder: Path,
-                             qdq_decoder: Path, qdq_precision: str, log: Callable[[str], None] = print
-                             ) -> dict[str, Any]:
+                             qdq_decoder: Path, qdq_precision: str, log: Callable[[str], None] = print,
+                             segment_layers: int = 1) -> dict[str, Any]:
     """`nbits_decoder`: the MatMulNBits graph at accuracy level 0 (checked tightly); `shipped_decoder`: the
     variant's own graph (its level's int8 activations included), whose difference from fp32 is reported."""
     d = manifest.dims
@@ -83,13 +105,22 @@ def validate_against_pytorch(checkpoint: Path, manifest: Manifest, bundle: Path,
     vision = bundle / fp32.vision.file
 
     def run(ref, decoder: Path, precision: str):
-        return validate_variant(ref, vision, decoder, precision, d.num_layers, d.num_kv_heads, d.head_dim,
-                                d.logits_positions, digits)
+        # fp32-activation graphs a few layers per session (bit for bit the whole graph's outputs): onnxruntime's
+        # level-0 MatMulNBits prepacks the int4 weights as floats, 0.75 GB per 7B layer if the graph ran whole.
+        # fp16-activation ones whole (a cut would round the CPU EP's fp32 intermediates to fp16; int4 there).
+        runner = (SegmentedRunner(decoder, None, d.num_layers, lambda: session_options(precision), segment_layers)
+                  if precision == "fp32" else None)
+        try:
+            return validate_variant(ref, vision, decoder, precision, d.num_layers, d.num_kv_heads, d.head_dim,
+                                    d.logits_positions, digits, SegmentedSession(runner) if runner else None)
+        finally:
+            if runner is not None:
+                runner.close()
 
     source = open_weights(checkpoint)  # lazy: the references hold one LLM layer at a time, as the export's
     names = match_weight_names(source, bundle / fp32.decoder.file, set(quantized))
     ref_fp32 = reference_outputs(source)
-    ref_deq = reference_outputs(DequantizedWeights(source, {names[n]: bq for n, bq in quantized.items()}))
+    ref_deq = reference_outputs(DequantizedWeights(source, _Renamed(quantized, {names[n]: n for n in quantized})))
     same = {"matmul_nbits": run(ref_deq, nbits_decoder, "fp32"), "qdq": run(ref_deq, qdq_decoder, qdq_precision)}
     for form, checks in same.items():
         log(format_checks(f"{form} vs torch(dequantized)", checks))

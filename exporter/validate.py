@@ -12,6 +12,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from typing import Any
+
 import numpy as np
 import onnxruntime as ort
 import torch
@@ -156,14 +158,16 @@ def session_options(precision: str) -> ort.SessionOptions:
 
 def validate_variant(ref: PrecisionReference, vision_path: Path, decoder_path: Path, precision: str,
                      num_layers: int, kv_heads: int, head_dim: int, logits_positions: int,
-                     digit_ids: tuple[int, ...]) -> list[Check]:
+                     digit_ids: tuple[int, ...], decoder_session: Any = None) -> list[Check]:
+    """`decoder_session`: an InferenceSession-like object (get_outputs, run) to use instead of opening the whole
+    decoder (quantize passes a segmented one: calibration/segmented.py)."""
     opts = session_options(precision)
     providers = ["CPUExecutionProvider"]
     vision = ort.InferenceSession(str(vision_path), opts, providers=providers)
     checks = [_check("image_embeds", vision.run(None, {"pixel_values": ref.pixel_values})[0], ref.image_embeds,
                      precision)]
     del vision  # never both graphs' weights at once
-    decoder = ort.InferenceSession(str(decoder_path), opts, providers=providers)
+    decoder = decoder_session or ort.InferenceSession(str(decoder_path), opts, providers=providers)
     act = np.float16 if precision == "fp16" else np.float32
 
     rows, lp, ls = ref.embeds.shape[0], ref.prefix, ref.suffix

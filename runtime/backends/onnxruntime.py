@@ -69,6 +69,28 @@ def trt_provider_options(s: TrtEpSettings) -> dict[str, Any]:
     }
 
 
+def session_options(threads: int | None = None):
+    """The runner's onnxruntime SessionOptions (also the segmented decoder's in calibration/segmented.py)."""
+    ort = import_onnxruntime()
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads:
+        opts.intra_op_num_threads = threads
+    # int8 Q/DQ graphs: x86 CPUs without VNNI saturate onnxruntime's fast U8S8 int8 kernels (measured on the
+    # int8 vision graph: 18% rms error instead of 2.2%); this selects the exact U8U8 path there, no-op elsewhere.
+    opts.add_session_config_entry("session.x64quantprecision", "1")
+    # The vision and decoder sessions each own a thread pool whose workers busy-wait after every call; with the
+    # runtime's numpy work in between they steal the cores from each other and from the main thread. Measured
+    # on 2 cores (256-image-token model, template decoding): 161 → 102 ms/person with spinning off.
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    # Blocked weight-only DequantizeLinear → MatMul is fused into MatMulNBits by the CPU optimizer, by default
+    # with int8-quantized activations (accuracy level 4: 0.19 max error on a unit test's 128-wide int4 MatMul);
+    # level 0 keeps it weight-only, matching the MatMulNBits form and the PyTorch validation.
+    opts.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
+    return opts
+
+
 class OrtRunner(GraphRunner):
     def __init__(self, path: Path, spec: GraphSpec, provider: str = "cpu", threads: int | None = None,
                  trt_ep: TrtEpSettings | None = None) -> None:
@@ -80,22 +102,7 @@ class OrtRunner(GraphRunner):
         if wanted[0] not in available:
             raise BundleError(f"onnxruntime provider {wanted[0]} is not available (have {available}); install "
                               "onnxruntime-gpu for CUDA/TensorRT, or use --backend onnxruntime")
-        opts = ort.SessionOptions()
-        opts.log_severity_level = 3
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if threads:
-            opts.intra_op_num_threads = threads
-        # int8 Q/DQ graphs: x86 CPUs without VNNI saturate onnxruntime's fast U8S8 int8 kernels (measured on the
-        # int8 vision graph: 18% rms error instead of 2.2%); this selects the exact U8U8 path there, no-op elsewhere.
-        opts.add_session_config_entry("session.x64quantprecision", "1")
-        # The vision and decoder sessions each own a thread pool whose workers busy-wait after every call; with the
-        # runtime's numpy work in between they steal the cores from each other and from the main thread. Measured
-        # on 2 cores (256-image-token model, template decoding): 161 → 102 ms/person with spinning off.
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        # Blocked weight-only DequantizeLinear → MatMul is fused into MatMulNBits by the CPU optimizer, by default
-        # with int8-quantized activations (accuracy level 4: 0.19 max error on a unit test's 128-wide int4 MatMul);
-        # level 0 keeps it weight-only, matching the MatMulNBits form and the PyTorch validation.
-        opts.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
+        opts = session_options(threads)
         if provider == "tensorrt":
             if trt_ep is None:
                 raise BundleError(f"{path}: the TensorRT EP needs the bundle's profiles and precision (TrtEpSettings)")

@@ -45,8 +45,8 @@ def test_quantize_with_calibration_data_on_external_data(external_bundle, coco, 
                                                          monkeypatch, method):
     """The activation tap (GPTQ) and the validation sessions load a decoder whose weights are external data: the
     derived graphs live beside it (onnxruntime refuses external data outside a model's folder)."""
-    from calibration import qdq
-    monkeypatch.setattr(qdq, "EXTERNAL_DATA_THRESHOLD", 0)  # the variant too keeps its weights external
+    from calibration import form_writer
+    monkeypatch.setattr(form_writer, "EXTERNAL_DATA_THRESHOLD", 0)  # the variant too keeps its weights external
     bundle = tmp_path / "b"
     shutil.copytree(external_bundle, bundle)
     rc = cli(["quantize", str(bundle), "--bits", "4", "--block-size", "32", "--method", method, "--samples", "3",
@@ -55,6 +55,8 @@ def test_quantize_with_calibration_data_on_external_data(external_bundle, coco, 
     assert rc == 0
     v = load_manifest(bundle).variants["int4"]
     print(f"{method}: int4 decoder files {v.decoder.file}, {v.decoder.external_data}")
+    assert v.decoder.external_data == ("int4/decoder.onnx.data",)
+    assert v.form("tensorrt").decoder.external_data == ("int4/decoder_qdq.onnx.data",)
     est = Estimator(bundle, precision="int4", decoding="template")
     assert len(est.estimate(tiny.random_image(5), BOX)[0].answers) == 17
     _no_leftovers(bundle)
