@@ -19,7 +19,7 @@ from runtime.coco import read_coco_persons
 from runtime.estimator import Estimator, EstimatorConfig
 from runtime.manifest import TENSORRT_BACKENDS, sha256_file
 from runtime.memory import peak_rss_bytes, reset_peak_rss
-from runtime.preprocess import load_image
+from runtime.image_io import load_image
 from runtime.results import write_json
 
 from .accuracy_summary import accuracy_by_variant, plot_accuracy, read_reports

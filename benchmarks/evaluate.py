@@ -16,7 +16,7 @@ from runtime.coco import read_coco_persons
 from runtime.errors import InputError
 from runtime.estimator import Estimator, EstimatorConfig
 from runtime.manifest import load_manifest
-from runtime.preprocess import load_image
+from runtime.image_io import load_image
 from runtime.results import write_json
 
 from .coco_metrics import METRICS, coco_keypoint_metrics

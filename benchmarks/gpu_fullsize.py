@@ -33,7 +33,8 @@ from posellm.reference import Generation, ReferenceEstimator
 from runtime.answer import step_confidences
 from runtime.backends.base import Stopwatch
 from runtime.memory import peak_rss_bytes
-from runtime.preprocess import crop_persons, ensure_rgb
+from runtime.image_io import ensure_rgb
+from runtime.preprocess import crop_persons
 from runtime.prompts import PromptTokenizer
 from runtime.results import write_json
 

@@ -30,7 +30,7 @@ import httpx
 import numpy as np
 
 from runtime.estimator import Estimator, EstimatorConfig
-from runtime.preprocess import load_image
+from runtime.image_io import load_image
 from runtime.results import write_json
 from serve.cli import start, stop
 from serve.config import ServeConfig, free_loopback_port

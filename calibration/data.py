@@ -18,7 +18,8 @@ from onnxruntime.quantization import CalibrationDataReader
 from runtime.backends.base import GraphRunner
 from runtime.coco import read_coco_persons
 from runtime.errors import InputError
-from runtime.preprocess import CropSpec, crop_at_center_scale, load_image
+from runtime.image_io import load_image
+from runtime.preprocess import CropSpec, crop_at_center_scale
 
 
 @dataclass(frozen=True, eq=False)

@@ -15,7 +15,6 @@ fp32 model (reported: that is the quantization error).
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import shutil
@@ -33,15 +32,14 @@ from runtime.decoding import Decoder
 from runtime.errors import InputError
 from runtime.manifest import GraphForm, GraphSpec, Manifest, Variant, load_manifest, sha256_file
 from runtime.memory import current_rss_bytes, peak_rss_bytes, peak_rss_context, reset_peak_rss
-from runtime.preprocess import CropSpec
 
 from .blockwise import BITS, BLOCK_SIZES, BlockQuantized, quantize_gptq, quantize_rtn
 from .calibrate import _diff, _int8_spec, _publish, weight_bytes
-from .data import array_sha256, load_person_crops
 from .qdq import QuantizationError
 from .form_writer import WrittenWeights, load_weight
+from .gptq_statistics import Calibration, layer_groups
 from .segmented import SegmentedRunner
-from .weight_only import (ACCURACY_LEVELS, accumulate, accuracy_level_twin, blocked_qdq_writer, matmul_nbits_writer,
+from .weight_only import (ACCURACY_LEVELS, accuracy_level_twin, blocked_qdq_writer, matmul_nbits_writer,
                           matmul_weights)
 
 METHODS = ("gptq", "rtn")
@@ -328,98 +326,6 @@ def _output_error(w: np.ndarray, bq: BlockQuantized, h: np.ndarray) -> float:
     num = float(np.sum(d * (h @ d)))
     den = float(np.sum(w * (h @ w.astype(np.float64))))
     return float(np.sqrt(num / den)) if den > 0 else 0.0
-
-
-def layer_groups(nodes: list[str], num_layers: int, layers_per_group: int) -> list[list[str]]:
-    """The quantized MatMuls (graph order) in groups of `layers_per_group` LLM layers: the exporter writes each
-    layer's projections together, so equal runs of the graph-ordered weights are the layers; a MatMul past the last
-    layer (lm_head) joins the last group."""
-    per_layer = max(1, len(nodes) // num_layers)
-    size = per_layer * layers_per_group
-    end = per_layer * num_layers
-    groups = [nodes[i:min(i + size, end)] for i in range(0, end, size)]
-    groups[-1] += nodes[per_layer * num_layers:]
-    return [g for g in groups if g]
-
-
-class Calibration:
-    """GPTQ's statistics: Σ xᵀx per MatMul input while the fp32 graphs decode `samples` person crops the way the
-    runtime does. At 7B all 32 layers' statistics would be 45 GB (float64), and the fp32 decoder 26 GB, so:
-    one decoding pass runs the decoder `hessian_layers` LLM layers per session (segmented.py) and records every
-    call's inputs of every segment on disk; `collect` then replays one segment's recorded calls with its MatMul
-    inputs tapped — bit for bit what a whole-graph tap saw — holding that segment's statistics only. Every layer
-    runs twice in all, whatever the number of groups."""
-
-    def __init__(self, cfg: QuantizeConfig, manifest: Manifest, bundle: Path, fp32: Variant, acts: set[str],
-                 scratch: Path) -> None:
-        self.cfg = cfg
-        spec = CropSpec(crop_size=manifest.preprocess.crop_size, mean=tuple(manifest.preprocess.mean),
-                        std=tuple(manifest.preprocess.std))
-        self.crops = load_person_crops(Path(cfg.coco), Path(cfg.images), cfg.samples, cfg.seed, spec)
-        vision = OrtRunner(bundle / fp32.vision.file, fp32.vision, threads=cfg.threads)
-        step = manifest.max_persons
-        embeds = [np.asarray(vision({"pixel_values": self.crops.pixel_values[i:i + step]})["image_embeds"])
-                  for i in range(0, len(self.crops.pixel_values), step)]
-        del vision  # its weights are not needed while the decoder runs
-        scratch.mkdir()
-        try:
-            self._record(cfg, manifest, bundle, fp32, acts, scratch, embeds)
-        except BaseException:
-            shutil.rmtree(scratch, ignore_errors=True)
-            raise
-        self.digests: dict[str, str] = {}
-        self.tokens: dict[str, int] = {}
-        self.replays = 0
-
-    def _record(self, cfg: QuantizeConfig, manifest: Manifest, bundle: Path, fp32: Variant, acts: set[str],
-                scratch: Path, embeds: list[np.ndarray]) -> None:
-        self.runner = SegmentedRunner(bundle / fp32.decoder.file, fp32.decoder, manifest.dims.num_layers,
-                                      lambda: session_options(cfg.threads), cfg.hessian_layers,
-                                      taps=sorted(acts), record=scratch)
-        self.runner.active_taps = set()  # the recording pass returns the graph's outputs only
-        table = np.load(bundle / fp32.embedding, mmap_mode="r")
-        decoder = Decoder(manifest, self.runner, table, lambda ids: "")
-        suffixes = [list(k.suffix_ids) for k in manifest.prompts.keypoints]
-        p = manifest.prompts
-        self.template = p.answer_template_ids is not None and p.digit_ids is not None
-        for e in embeds:
-            (decoder.template if self.template else decoder.free)(e, suffixes, Stopwatch())
-        self.runner.release()
-        self.recorded_bytes = sum(f.stat().st_size for f in scratch.iterdir())
-
-    def collect(self, acts: set[str]) -> dict[str, np.ndarray]:
-        by_segment: dict[int, list[str]] = {}
-        for a in sorted(acts):
-            by_segment.setdefault(self.runner.segment_of(a), []).append(a)
-        hessians: dict[str, np.ndarray] = {}
-        tokens: dict[str, int] = {}
-        for call in range(self.runner.calls):  # in call order, as the decoding accumulated them
-            outs = {}
-            for seg, names in by_segment.items():
-                outs.update(self.runner.run_segment(seg, call, names))
-            accumulate(hessians, tokens, outs, self.runner.recorded_mask(call))
-        self.runner.release()
-        self.replays += 1
-        self.tokens.update(tokens)
-        self.digests.update({a: array_sha256(h) for a, h in hessians.items()})
-        return hessians
-
-    def close(self) -> None:
-        self.runner.close()
-        if self.runner.record is not None:
-            shutil.rmtree(self.runner.record, ignore_errors=True)
-
-    def summary(self) -> dict[str, Any]:
-        c = self.crops
-        return {"coco": Path(self.cfg.coco).name, "seed": self.cfg.seed, "persons": int(len(c.pixel_values)),
-                "available_persons": c.available, "crops_sha256": c.sha256,
-                # identity of the crops and of every input's statistics (collected a few layers at a time)
-                "sha256": hashlib.sha256((c.sha256 + "".join(f"{a}:{d}" for a, d in sorted(self.digests.items())))
-                                         .encode()).hexdigest(),
-                "decoding": "template" if self.template else "free", "decoder_calls": self.runner.calls,
-                "passes": self.replays, "layers_per_pass": self.cfg.hessian_layers,
-                "recorded_gb": round(self.recorded_bytes / 1e9, 3),
-                "tokens_per_input": dict(sorted(self.tokens.items()))}
 
 
 def _decoder_runner(path: Path, spec: GraphSpec, manifest: Manifest, cfg: QuantizeConfig) -> GraphRunner:

@@ -12,8 +12,9 @@ from transformers import GenerationConfig
 from runtime.answer import parse_answer, step_confidences
 from runtime.decoding import until_eos
 from runtime.keypoints import standard_keypoints
+from runtime.image_io import ensure_rgb
 from runtime.preprocess import (CLIP_MEAN, CLIP_STD, DINO_MEAN, DINO_STD, CropSpec, crop_at_center_scale,
-                                crop_persons, ensure_rgb)
+                                crop_persons)
 from runtime.prompts import PromptTokenizer
 from runtime.results import PersonResult, person_result
 

@@ -12,7 +12,7 @@ from .draw import draw_results
 from .errors import InputError
 from .estimator import DECODINGS, Estimator, EstimatorConfig
 from .keypoint_sets import SET_NAMES
-from .preprocess import load_image
+from .image_io import load_image
 from .prompts import parse_keypoint_spec
 from .results import write_json
 

@@ -24,7 +24,8 @@ from .errors import InputError
 from .manifest import MANIFEST_NAME, Manifest, load_manifest, sha256_file
 from .profiles import engine_profiles
 from .coco import PersonRecord
-from .preprocess import CropSpec, crop_at_center_scale, crop_persons, ensure_rgb
+from .image_io import ensure_rgb
+from .preprocess import CropSpec, crop_at_center_scale, crop_persons
 from .keypoint_sets import resolve_keypoints
 from .prompts import PromptTokenizer
 from .results import Estimate, PersonResult, person_result

@@ -20,7 +20,8 @@ import numpy as np
 
 from runtime.errors import InputError
 from runtime.keypoint_sets import SET_NAMES, keypoint_set
-from runtime.preprocess import IMAGE_DECODE_ERRORS, decode_pil, ensure_rgb, validate_box
+from runtime.image_io import IMAGE_DECODE_ERRORS, decode_pil, ensure_rgb
+from runtime.preprocess import validate_box
 
 KeypointSet = tuple[tuple[str, str], ...]  # () = the bundle's 17 COCO keypoints
 # Formats a client may send. Pillow's others are rare for photos and some hand the bytes to other programs

@@ -24,7 +24,8 @@ from runtime.decoding import Decoder
 from runtime.errors import InputError
 from runtime.estimator import Estimator
 from runtime.manifest import load_manifest, sha256_file
-from runtime.preprocess import CropSpec, load_image
+from runtime.image_io import load_image
+from runtime.preprocess import CropSpec
 
 COCO = tiny.SHARED / "data" / "coco-mini"
 ANN = COCO / "person_keypoints.json"

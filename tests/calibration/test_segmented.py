@@ -13,7 +13,8 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from calibration.quantize import QuantizeConfig, layer_groups, quantize_bundle
+from calibration.gptq_statistics import layer_groups
+from calibration.quantize import QuantizeConfig, quantize_bundle
 from calibration.segmented import SegmentedRunner, layer_cuts
 from calibration.weight_only import matmul_weights
 from runtime.backends.base import Stopwatch

@@ -83,10 +83,11 @@ def test_coco_mini_matches_locllm_reader(coco_mini_ann):
 
 
 def test_records_crop_like_crop_person(coco_mini_ann):
+    from runtime import image_io
     from runtime import preprocess as pp
 
     for r in read_coco_persons(coco_mini_ann)[:4]:
-        image = pp.load_image(COCO_MINI / "images" / r.file_name)
+        image = image_io.load_image(COCO_MINI / "images" / r.file_name)
         crop = pp.crop_person(image, r.raw_box)
         assert crop.box == r.box and np.array_equal(crop.center, r.center) and np.array_equal(crop.scale, r.scale)
         d = np.abs(crop.pixel_values - pp.crop_at_center_scale(image, r.center, r.scale, pp.CropSpec())).max()

@@ -1,4 +1,4 @@
-"""Property tests of image decoding (runtime.preprocess.load_image, the CLI's reader): valid files in every odd mode
+"""Property tests of image decoding (runtime.image_io.load_image, the CLI's reader): valid files in every odd mode
 and format, truncated and corrupted copies, decompression bombs and arbitrary bytes either decode to uint8 RGB or
 raise InputError in one line. The service's decoder (serve.payload.decode_image) has its own test in tests/serve."""
 from __future__ import annotations
@@ -13,7 +13,7 @@ from hypothesis import example, given
 from benchmarks.fuzz_inputs import hostile_image_bytes, png_bomb
 from fuzzing import assert_one_line, bounded
 from runtime.errors import InputError
-from runtime.preprocess import load_image
+from runtime.image_io import load_image
 
 pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"),  # Pillow on corrupt EXIF/TIFF tags: expected here
               pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")]

@@ -20,6 +20,7 @@ try:
 except ImportError:  # a plain checkout without an install: make the repo root importable
     sys.path.insert(0, str(REPO))
 
+from runtime import image_io  # noqa: E402
 from runtime import preprocess as pp  # noqa: E402
 from runtime.errors import InputError  # noqa: E402
 
@@ -116,7 +117,7 @@ def test_crops_match_cv2_on_coco_mini(cv2, coco_mini):
         ref_m = ref_affine(cv2, center, scale, 0, 224)
         ref_crop = cv2.warpAffine(ref_img, ref_m, (224, 224), flags=cv2.INTER_LINEAR)
 
-        image = pp.load_image(path)
+        image = image_io.load_image(path)
         crop = pp.crop_person(image, ann["bbox"], spec)
         assert crop.box == tuple(float(v) for v in ref_box), f"box {crop.box} != LocLLM {ref_box}"
         assert np.array_equal(crop.center, center) and np.array_equal(crop.scale, scale)
@@ -136,7 +137,7 @@ def test_load_image_matches_cv2_imread(cv2, coco_mini):
     for path in sorted((coco_mini / "images").glob("*.jpg")):
         ref = cv2.cvtColor(cv2.imread(str(path), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION),
                            cv2.COLOR_BGR2RGB)
-        ours = pp.load_image(path)
+        ours = image_io.load_image(path)
         assert ours.shape == ref.shape and ours.dtype == np.uint8
         assert_close_u8(ours, ref, 2, 0.05, f"{path.name} decode (Pillow vs cv2 JPEG decoders)")
 
@@ -261,7 +262,7 @@ def test_load_image_modes(tmp_path, mode, suffix):
     im = _mode_image(mode)
     path = tmp_path / f"img_{mode.replace(';', '')}{suffix}"
     im.save(path)
-    out = pp.load_image(path)
+    out = image_io.load_image(path)
     assert out.dtype == np.uint8 and out.shape == (1, 4, 3), f"{mode}: got {out.dtype} {out.shape}"
     with Image.open(path) as reread:
         if mode in ("I;16", "I"):  # 16-bit: high byte, not clipped at 255
@@ -279,12 +280,12 @@ def test_load_image_modes(tmp_path, mode, suffix):
 def test_ensure_rgb_arrays():
     g = np.arange(12, dtype=np.uint8).reshape(3, 4)
     for arr in (g, g[:, :, None], np.stack([g] * 3, 2), np.stack([g] * 4, 2)):
-        out = pp.ensure_rgb(arr)
+        out = image_io.ensure_rgb(arr)
         assert out.shape == (3, 4, 3) and out.dtype == np.uint8 and np.array_equal(out[:, :, 1], g)
-    assert pp.ensure_rgb(np.full((2, 2, 3), 0xABCD, np.uint16))[0, 0].tolist() == [0xAB] * 3
+    assert image_io.ensure_rgb(np.full((2, 2, 3), 0xABCD, np.uint16))[0, 0].tolist() == [0xAB] * 3
     for bad in (np.zeros((2, 2), np.float32), np.zeros((2, 2, 2), np.uint8), np.zeros((0, 2, 3), np.uint8)):
         with pytest.raises(InputError):
-            pp.ensure_rgb(bad)
+            image_io.ensure_rgb(bad)
 
 
 def test_unreadable_files_are_named(tmp_path):
@@ -297,7 +298,7 @@ def test_unreadable_files_are_named(tmp_path):
     truncated.write_bytes(buf.read_bytes()[:400])
     for path in (text, missing, truncated):
         with pytest.raises(InputError, match=re.escape(str(path))):
-            pp.load_image(path)
+            image_io.load_image(path)
 
 
 # --------------------------------------------------------------------------------------------- tensors
@@ -319,7 +320,7 @@ def test_normalize_and_crop_persons():
 
 
 def test_runtime_modules_import_no_cv2_or_torch():
-    code = ("import sys; import runtime.preprocess, runtime.coco, runtime.errors; "
+    code = ("import sys; import runtime.preprocess, runtime.image_io, runtime.coco, runtime.errors; "
             "print(sorted({m.split('.')[0] for m in sys.modules} & {'cv2', 'torch', 'torchvision', 'pycocotools'}))")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, f"the import probe failed (exit {out.returncode}): {out.stderr[-2000:]}"
