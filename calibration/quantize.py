@@ -126,7 +126,8 @@ def quantize_bundle(cfg: QuantizeConfig, log: Callable[[str], None] = print) -> 
     src32 = onnx.load(str(bundle / fp32.decoder.file), load_external_data=False)
     nodes = matmul_weights(src32)
     vocab = manifest.dims.vocab_size  # lm_head is the MatMul whose outputs are the vocabulary
-    outputs = {n: next(t.dims for t in src32.graph.initializer if t.name == aw[1])[-1] for n, aw in nodes.items()}
+    dims = {t.name: t.dims for t in src32.graph.initializer}
+    outputs = {n: dims[aw[1]][-1] for n, aw in nodes.items()}
     chosen = {n: aw for n, aw in nodes.items() if cfg.lm_head or outputs[n] != vocab}
     bits = {n: cfg.lm_head_bits if outputs[n] == vocab else cfg.bits for n in chosen}
     # a wider lm_head in a 4-bit variant is quantized per output channel: TensorRT imports int8 weights per channel
@@ -156,7 +157,6 @@ def quantize_bundle(cfg: QuantizeConfig, log: Callable[[str], None] = print) -> 
                                                       cfg.accuracy_level),
                    "tensorrt": blocked_qdq_writer(bundle / trt_source.decoder.file, tmp / "decoder_qdq.onnx")}
         try:
-            calibration = None
             if cfg.coco is not None and cfg.images is not None:
                 t0 = time.perf_counter()
                 calibration = Calibration(cfg, manifest, bundle, fp32, {aw[0] for aw in chosen.values()},
@@ -246,7 +246,6 @@ def quantize_bundle(cfg: QuantizeConfig, log: Callable[[str], None] = print) -> 
                                                       WrittenWeights(tmp / "decoder_qdq.onnx"),
                                                       exact, shipped, tmp / "decoder_qdq.onnx",
                                                       "fp16" if fp16 else "fp32", log, cfg.segment_layers)
-            if cfg.checkpoint is not None:
                 phase("validated against PyTorch")
         finally:
             if exact != shipped:

@@ -89,14 +89,7 @@ class Estimator:
         if engine_rows is not None and self.max_batch > engine_rows:
             raise InputError(f"max_batch={self.max_batch} exceeds the decoder engine's profiles (at most "
                              f"{engine_rows} sequences); rebuild with a larger `posellm-edge build --max-persons`")
-        # The longest custom keypoint suffix the decoder graph takes: the prefill's `seq` holds it (+ the template's
-        # forced answer head), the cache after the shared prefix (`past`) it plus every answer token.
-        p = m.prompts
-        head = p.digit_positions[0] if cfg.decoding == "template" else 0
-        seq_hi = form.decoder.dynamic_ranges.get("seq", (1, None))[1]
-        past_hi = form.decoder.dynamic_ranges.get("past", (0, None))[1]
-        self.max_suffix_tokens = min(n for n in (seq_hi and seq_hi - head, past_hi and past_hi - p.max_new_tokens,
-                                                 m.max_context) if n is not None)
+        self.max_suffix_tokens = self._suffix_limit(form, cfg.decoding)
         self._lock = threading.Lock()  # guards only the lazily built custom-prompt cache
         # custom keypoint sets → suffix ids, least recently used first; bounded, as a server's clients choose them
         self._custom: dict[tuple[tuple[str, str], ...], list[list[int]]] = {}
@@ -111,14 +104,20 @@ class Estimator:
         other = copy.copy(self)
         other.config = dataclasses.replace(self.config, decoding=decoding,
                                            speculative=speculative or self.config.speculative)
-        if decoding == "template":
-            other.max_suffix_tokens = min(self.max_suffix_tokens, self._template_suffix_limit())
+        form = self.manifest.variant(self.config.precision).form(self.config.backend)
+        other.max_suffix_tokens = min(self.max_suffix_tokens, self._suffix_limit(form, decoding))
         return other
 
-    def _template_suffix_limit(self) -> int:
-        p, form = self.manifest.prompts, self.manifest.variant(self.config.precision).form(self.config.backend)
+    def _suffix_limit(self, form, decoding: str) -> int:
+        """The longest custom keypoint suffix the decoder graph takes: the prefill's `seq` holds it (+ the
+        template's forced answer head), the cache after the shared prefix (`past`) it plus every answer token."""
+        m = self.manifest
+        p = m.prompts
+        head = p.digit_positions[0] if decoding == "template" else 0
         seq_hi = form.decoder.dynamic_ranges.get("seq", (1, None))[1]
-        return seq_hi - p.digit_positions[0] if seq_hi else self.max_suffix_tokens
+        past_hi = form.decoder.dynamic_ranges.get("past", (0, None))[1]
+        return min(n for n in (seq_hi and seq_hi - head, past_hi and past_hi - p.max_new_tokens, m.max_context)
+                   if n is not None)
 
     def _trt_ep_settings(self, variant) -> dict:
         """TensorRT EP: the bundle's profiles; engines cached per bundle (manifest hash) in the user cache dir."""
