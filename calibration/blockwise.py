@@ -70,72 +70,22 @@ def channel_scales(w: np.ndarray, bits: int, block_size: int) -> np.ndarray:
     return np.repeat(block_scales(w, bits, len(w)), _blocks(len(w), block_size), axis=0)
 
 
-# Clipping ratios searched per scale (scale_search): absmax × r / qmax for r from 1 down to 0.6. GPTQ's reference
-# quantizer has the same option (`mse=True`: a grid over shrink factors); at 4 bits the best r is mostly 0.8–0.95,
-# i.e. clipping the block's largest weight buys finer steps for the other 63.
-SEARCH_RATIOS = tuple(np.round(np.linspace(1.0, 0.6, 21), 3))
-_SEARCH_ROWS = 1 << 20  # weights per search chunk: bounds its temporaries (a few float32 copies of ~4 MB)
-
-
-def searched_scales(w: np.ndarray, bits: int, block_size: int, importance: np.ndarray | None = None,
-                    per_channel: bool = False) -> np.ndarray:
-    """fp16 scales [ceil(K / block), N] that minimise each block's rounding error Σ_k d_k (w - q·s)², d = the input
-    features' importance (diag of H = Σ xᵀx: how much each input row moves the outputs; uniform without
-    calibration data), over clipping ratios SEARCH_RATIOS of the absmax scale. Ratio 1 is the absmax scale, so the
-    result is never worse than block_scales/channel_scales on that error. `per_channel`: one search per column
-    over all K rows, repeated into every block (channel_scales' layout)."""
-    k, n = w.shape
-    group = k if per_channel else block_size
-    groups = _blocks(k, group)
-    d = np.ones(k, np.float32) if importance is None else np.asarray(importance, np.float32)
-    padded = np.zeros((groups * group, n), np.float32)
-    padded[:k] = w
-    dpad = np.zeros(groups * group, np.float32)
-    dpad[:k] = d
-    absmax = np.abs(padded.reshape(groups, group, n)).max(axis=1)
-    lo, hi = -2 ** (bits - 1), 2 ** (bits - 1) - 1
-    best = np.maximum((absmax / hi).astype(np.float16), _FP16_TINY)
-    step = max(1, _SEARCH_ROWS // (group * n))
-    for g0 in range(0, groups, step):  # a few groups at a time: temporaries stay small at 7B
-        g1 = min(g0 + step, groups)
-        wb = padded[g0 * group:g1 * group].reshape(g1 - g0, group, n)
-        db = dpad[g0 * group:g1 * group].reshape(g1 - g0, group, 1)
-        best_err = np.full((g1 - g0, n), np.inf, np.float32)
-        for r in SEARCH_RATIOS:
-            s = np.maximum((absmax[g0:g1] * np.float32(r) / hi).astype(np.float16), _FP16_TINY)
-            s32 = s.astype(np.float32)[:, None, :]
-            err = (db * (wb - np.clip(np.rint(wb / s32), lo, hi) * s32) ** 2).sum(axis=1)
-            better = err < best_err
-            best_err[better] = err[better]
-            best[g0:g1][better] = s[better]
-    return np.repeat(best, _blocks(k, block_size), axis=0) if per_channel else best
-
-
-def _scales(w: np.ndarray, bits: int, block_size: int, per_channel: bool, search: bool,
-            importance: np.ndarray | None) -> np.ndarray:
-    if search:
-        return searched_scales(w, bits, block_size, importance, per_channel)
-    return (channel_scales if per_channel else block_scales)(w, bits, block_size)
-
-
 def _round(w: np.ndarray, scale: np.ndarray, bits: int) -> np.ndarray:
     lo, hi = -2 ** (bits - 1), 2 ** (bits - 1) - 1
     return np.clip(np.rint(w / scale.astype(np.float32)), lo, hi).astype(np.int8)
 
 
 def quantize_rtn(w: np.ndarray, bits: int, block_size: int, name: str = "weight",
-                 per_channel: bool = False, scale_search: bool = False,
-                 importance: np.ndarray | None = None) -> BlockQuantized:
-    """`per_channel`: every block of a column shares the column's scale (channel_scales). `scale_search`: scales
-    from searched_scales (weighted by `importance`, diag H, when given) instead of the absmax ones."""
+                 per_channel: bool = False) -> BlockQuantized:
+    """`per_channel`: every block of a column shares the column's scale (channel_scales)."""
     check_shape(w.shape, bits, block_size, name)
     w32 = np.asarray(w, dtype=np.float32)
-    scales = _scales(w32, bits, block_size, per_channel, scale_search, importance)
+    scales = (channel_scales if per_channel else block_scales)(w32, bits, block_size)
     return BlockQuantized(_round(w32, per_row(scales, block_size, len(w32)), bits), scales, bits, block_size)
 
 
 def quantize_gptq(w: np.ndarray, hessian: np.ndarray, bits: int, block_size: int, damp: float = 0.01,
-                  name: str = "weight", per_channel: bool = False, scale_search: bool = False) -> BlockQuantized:
+                  name: str = "weight", per_channel: bool = False) -> BlockQuantized:
     """GPTQ in activation order with static groups: each block's scale is fixed up front (as RTN would pick it),
     then input rows are rounded from the most to the least active one (descending diag H), each row's error
     spread over the rows not yet rounded — the GPTQ reference's `act_order` + `static_groups`, which keeps the
@@ -144,7 +94,6 @@ def quantize_gptq(w: np.ndarray, hessian: np.ndarray, bits: int, block_size: int
     `hessian` is Σ xᵀx [K, K] over the calibration tokens that reach this weight; `damp` × mean(diag) is added
     for numerical stability (the paper's 1%). Input features never seen (zero diagonal) are zeroed, as in GPTQ.
     `per_channel`: one scale per column in every block (channel_scales); rows are still batched by `block_size`.
-    `scale_search`: the fixed scales come from searched_scales, weighted by diag H.
     """
     check_shape(w.shape, bits, block_size, name)
     k, n = w.shape
@@ -157,7 +106,7 @@ def quantize_gptq(w: np.ndarray, hessian: np.ndarray, bits: int, block_size: int
     dead = diag == 0
     diag[dead] = 1.0
     W[dead, :] = 0.0
-    scales = _scales(W, bits, block_size, per_channel, scale_search, diag)
+    scales = (channel_scales if per_channel else block_scales)(W, bits, block_size)
     row_scale = per_row(scales, block_size, k).astype(np.float64)
     perm = np.argsort(-diag, kind="stable")
     H = np.asarray(hessian)[np.ix_(perm, perm)].astype(np.float64, copy=False)

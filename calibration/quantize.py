@@ -70,9 +70,6 @@ class QuantizeConfig:
     name: str | None = None  # variant name; default int4 / int8wo
     checkpoint: Path | None = None  # validate against the PyTorch model carrying the dequantized weights
     damp: float = 0.01
-    # Per-block clipping search for the scales (blockwise.searched_scales), weighted by the inputs' importance
-    # (diag H) when calibration data is given
-    scale_search: bool = False
     seed: int = 0
     overwrite: bool = False
     threads: int | None = None
@@ -178,11 +175,9 @@ def quantize_bundle(cfg: QuantizeConfig, log: Callable[[str], None] = print) -> 
                 for node in group:
                     act, weight = chosen[node]
                     w = load_weight(src32, weight, base).astype(np.float32)
-                    importance = np.diag(hessians[act]) if act in hessians else None
-                    rtn = quantize_rtn(w, bits[node], cfg.block_size, node, per_channel[node], cfg.scale_search,
-                                       importance)
+                    rtn = quantize_rtn(w, bits[node], cfg.block_size, node, per_channel[node])
                     gptq = (quantize_gptq(w, hessians[act], bits[node], cfg.block_size, cfg.damp, node,
-                                          per_channel[node], cfg.scale_search)
+                                          per_channel[node])
                             if cfg.method == "gptq" else None)
                     chosen_q = gptq if gptq is not None else rtn
                     for writer in writers.values():
@@ -257,7 +252,7 @@ def quantize_bundle(cfg: QuantizeConfig, log: Callable[[str], None] = print) -> 
                 exact.unlink(missing_ok=True)
         artifact = {
             "schema": ARTIFACT_SCHEMA, "variant": name, "method": cfg.method, "bits": cfg.bits,
-            "block_size": cfg.block_size, "scale_search": cfg.scale_search, "symmetric": True, "scale_dtype": "float16", "lm_head": cfg.lm_head,
+            "block_size": cfg.block_size, "symmetric": True, "scale_dtype": "float16", "lm_head": cfg.lm_head,
             "lm_head_bits": cfg.lm_head_bits if cfg.lm_head else None,
             "damp": cfg.damp if cfg.method == "gptq" else None, "data": data,
             "forms": {"onnxruntime": {**cpu_form, "file": decoder_spec.file},

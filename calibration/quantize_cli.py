@@ -31,10 +31,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="MatMulNBits' CPU kernel: 4 quantizes activations to int8 per block (fast: onnxruntime's "
                              "8-bit float path is far slower than fp32), 0 keeps float math (exactly weight-only); "
                              "the TensorRT form and the CUDA EP are unaffected (default: %(default)s)")
-    parser.add_argument("--scale-search", action=argparse.BooleanOptionalAction,
-                        default=d["scale_search"].default,
-                        help="search each block's clipping ratio for the least importance-weighted rounding error "
-                             "instead of the absmax scale (default: %(default)s)")
     parser.add_argument("--name", help="variant name (default: int4 or int8wo)")
     parser.add_argument("--checkpoint", type=Path,
                         help="validate against the PyTorch model carrying the dequantized weights (needs torch)")
@@ -52,7 +48,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     cfg = QuantizeConfig(bundle=args.bundle, coco=args.coco, images=args.images, bits=args.bits,
                          block_size=args.block_size, method=args.method, samples=args.samples, lm_head=args.lm_head,
-                         lm_head_bits=args.lm_head_bits, scale_search=args.scale_search,
+                         lm_head_bits=args.lm_head_bits,
                          accuracy_level=args.accuracy_level, name=args.name, checkpoint=args.checkpoint,
                          seed=args.seed, overwrite=args.overwrite, threads=args.threads,
                          segment_layers=args.segment_layers, hessian_layers=args.hessian_layers)
