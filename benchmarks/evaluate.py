@@ -19,6 +19,7 @@ from runtime.manifest import load_manifest
 from runtime.image_io import load_image
 from runtime.results import write_json
 
+from . import ap_bootstrap
 from .coco_metrics import METRICS, coco_keypoint_metrics
 
 DECODINGS = ("free", "template")
@@ -84,6 +85,10 @@ class CocoBenchmark:
     def metrics(self, predictions: list[dict]) -> dict:
         return coco_keypoint_metrics(self.ann, predictions, list(self.groups))
 
+    def evaluated(self, predictions: list[dict]):
+        """pycocotools' per-image matching, for the ΔAP bootstrap (ap_bootstrap.py)."""
+        return ap_bootstrap.evaluated(self.ann, predictions, list(self.groups))
+
 
 def variant_name(bundle: Path, precision: str, decoding: str, several_bundles: bool) -> str:
     """`fp16-template`, or `<bundle dir>:fp16-template` when several bundles are compared; bench joins its rows to an
@@ -120,6 +125,12 @@ class DetectedCocoBenchmark(CocoBenchmark):
         records = [r for recs in self.groups.values() for r in recs]  # run_variant's order
         return coco_keypoint_metrics(self.ann, rescore_and_nms(predictions, records, list(self.box_scores)),
                                      list(self.image_ids))
+
+    def evaluated(self, predictions: list[dict]):
+        from .detected_persons import rescore_and_nms
+        records = [r for recs in self.groups.values() for r in recs]
+        return ap_bootstrap.evaluated(self.ann, rescore_and_nms(predictions, records, list(self.box_scores)),
+                                      list(self.image_ids))
 
 
 def load_benchmark(cfg: EvalConfig):
@@ -216,6 +227,10 @@ def evaluate(cfg: EvalConfig, log=print) -> dict:
                                                  "token_agreement": 1.0, "seconds": round(ref.seconds, 3)},
                     "variants": []}
     log(f"reference: {_headline(report['reference'], key)} ({ref.seconds:.1f}s)")
+    interval = _DeltaInterval(bench, ref.predictions) if hasattr(bench, "evaluated") else None  # COCO AP only
+    if interval is not None:
+        report["delta_interval"] = {"level": ap_bootstrap.LEVEL, "resamples": ap_bootstrap.RESAMPLES,
+                                    "what": "paired bootstrap over images (benchmarks/ap_bootstrap.py)"}
     for bundle in cfg.bundles:
         est_probe = Estimator(bundle, EstimatorConfig(verify=True))
         precisions = cfg.precisions or tuple(est_probe.manifest.variants)
@@ -229,8 +244,11 @@ def evaluate(cfg: EvalConfig, log=print) -> dict:
                          **_scores(bench, run, cfg.predictions), **_agreement(ref, run),
                          "seconds": round(run.seconds, 3)}
                 entry.update(_deltas(entry, report["reference"], key))
+                if interval is not None:
+                    entry[CI_KEY] = interval(run.predictions)
                 report["variants"].append(entry)
-                log(f"{name}: {_headline(entry, key)} (Δ{_label(key)} {_fmt_delta(entry[_delta_key(key)])}), "
+                log(f"{name}: {_headline(entry, key)} (Δ{_label(key)} {_fmt_delta(entry[_delta_key(key)])}"
+                    f"{_fmt_interval(entry.get(CI_KEY))}), "
                     f"token agreement {entry['token_agreement']:.4f}, mean px error {entry['mean_pixel_error']}")
     report["markdown"] = markdown_table(report, bench.columns)
     if cfg.max_ap_drop is not None:
@@ -244,6 +262,27 @@ def evaluate(cfg: EvalConfig, log=print) -> dict:
         tmp.write_text(report["markdown"] + "\n")
         tmp.replace(md)
     return report
+
+
+CI_KEY = "delta_AP_ci90"
+
+
+class _DeltaInterval:
+    """ΔAP's 90% interval of each variant: the reference's AP on fixed image draws, computed once."""
+
+    def __init__(self, bench, ref_predictions: list[dict]) -> None:
+        self.bench = bench
+        ref = bench.evaluated(ref_predictions)
+        self.picks = ap_bootstrap.draws(len(ref.params.imgIds))
+        self.ref_ap = ap_bootstrap.resampled_ap(ref, self.picks)
+
+    def __call__(self, predictions: list[dict]) -> list[float]:
+        return ap_bootstrap.delta_interval(self.ref_ap,
+                                           ap_bootstrap.resampled_ap(self.bench.evaluated(predictions), self.picks))
+
+
+def _fmt_interval(ci) -> str:
+    return "" if ci is None else f", 90% [{ci[0]:+.2f}, {ci[1]:+.2f}]"
 
 
 def _label(key: str) -> str:
@@ -273,11 +312,15 @@ def _fmt_delta(v) -> str:
 def markdown_table(report: dict, columns=METRICS) -> str:
     key = report.get("metric", "AP")
     deltas = [_delta_key(key)] + (["delta_PCKh@0.1"] if key == "Mean" else [])
-    cols = ["name", *columns, *deltas, "token_agreement", "mean_pixel_error"]
+    intervals = [CI_KEY] if any(CI_KEY in v for v in report["variants"]) else []
+    cols = ["name", *columns, *deltas, *intervals, "token_agreement", "mean_pixel_error"]
     rows = [dict(report["reference"], mean_pixel_error=0.0, **{d: 0.0 for d in deltas})] + report["variants"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
         lines.append("| " + " | ".join(_fmt(r.get(c)) for c in cols) + " |")
+    if intervals:
+        lines.append(f"\n{CI_KEY}: 5th–95th percentile of ΔAP over {ap_bootstrap.RESAMPLES} paired resamples of the "
+                     "images (the reference and the variant on the same draw): the part of ΔAP that is the persons.")
     if key == "Mean":
         lines.append("\nPCKh (MPII, LocLLM's protocol): Mean over the COCO joints (pelvis, thorax, neck, head top "
                      "masked); Mean@0.1 read at threshold 0.11 as LocLLM/HRNet compute it; Pelvis/Thorax/Neck/Head "
@@ -286,4 +329,6 @@ def markdown_table(report: dict, columns=METRICS) -> str:
 
 
 def _fmt(v) -> str:
+    if isinstance(v, list):  # an interval
+        return f"[{v[0]:+.2f}, {v[1]:+.2f}]"
     return f"{v:.3f}" if isinstance(v, float) else ("–" if v is None else str(v))

@@ -24,7 +24,10 @@ def test_eval_coco_reference_and_fp32(tiny_checkpoint, tiny_bundle, tmp_path):
     assert fp32["token_agreement"] == 1.0 and len(fp32["pixel_error_per_keypoint"]) == 17
     results = json.loads((tmp_path / "pred" / "fp32-free" / "keypoints_results.json").read_text())
     assert len(results) == report["persons"] and all(len(r["keypoints"]) == 51 for r in results)
-    assert "| name | AP |" in (tmp_path / "eval.md").read_text()
+    md = (tmp_path / "eval.md").read_text()
+    assert "| name | AP |" in md and "delta_AP_ci90" in md
+    # the paired bootstrap: a variant identical to the reference has a zero-width interval at 0
+    assert fp32["delta_AP_ci90"] == [0.0, 0.0] and report["delta_interval"]["resamples"] > 0
 
 
 def test_unknown_precision_fails_before_the_reference_runs(tiny_bundle, tmp_path, monkeypatch):

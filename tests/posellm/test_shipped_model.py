@@ -55,7 +55,7 @@ GUARD_MIN_AP = 40.0
 
 def test_shipped_model_localises_through_the_fp32_bundle(tmp_path):
     """Export (fp32) → torch-free runtime (template decoding) → pycocotools AP on GT boxes >= 40: a preprocessing,
-    back-projection or decoding bug cannot hide behind a model that cannot see (the full 40-image val AP is in
+    back-projection or decoding bug cannot hide behind a model that cannot see (the main job's val AP is in
     benchmarks/results/cpu-small-eval.md)."""
     # The guard is for a model that localises. The shipped model's own full-val AP (its committed eval) says
     # whether it does; below the bar the guard is skipped, with the figure, rather than asserting nothing.
