@@ -16,8 +16,9 @@ from pathlib import Path
 from runtime.errors import InputError
 
 # report metric → the columns it contributes: (column, key in the report row, delta key)
+INTERVAL = "ΔAP 90%"  # ΔAP's paired-bootstrap interval (eval's delta_AP_ci90), drawn as error bars
 COLUMNS = {
-    "AP": (("AP", "AP", "delta_AP"),),
+    "AP": (("AP", "AP", "delta_AP"), (INTERVAL, "delta_AP_ci90", None)),
     "Mean": (("PCKh", "Mean", "delta_PCKh"), ("PCKh@0.1", "Mean@0.1", "delta_PCKh@0.1"),
              ("PCKh zero-shot", "Zero-shot mean", None)),
 }
@@ -44,12 +45,14 @@ def accuracy_by_variant(reports: list[dict]) -> tuple[list[str], dict[str, dict]
         metric = rep.get("metric", "AP")
         ref = rep["reference"]
         for col, key, delta in COLUMNS[metric]:
+            if col == INTERVAL and not any(key in v for v in rep["variants"]):
+                continue  # a report from before eval's intervals
             for c in (col, f"Δ{col}") if delta else (col,):
                 if c not in columns:
                     columns.append(c)
             for row in [ref, *rep["variants"]]:
                 out = rows.setdefault(row["name"], {})
-                out[col] = row.get(key)
+                out[col] = row.get(key) if row is not ref or col != INTERVAL else None
                 if delta:
                     out[f"Δ{col}"] = 0.0 if row is ref else row.get(delta)
     return columns, rows
@@ -63,6 +66,8 @@ def markdown(columns: list[str], rows: dict[str, dict]) -> str:
 
 
 def _fmt(v) -> str:
+    if isinstance(v, list):  # an interval
+        return f"[{v[0]:+.2f}, {v[1]:+.2f}]"
     return "–" if v is None else f"{v:.2f}" if isinstance(v, float) else str(v)
 
 
@@ -81,7 +86,11 @@ def plot_accuracy(results: list[dict], out: Path, x_key=None) -> None:
             pts = [dict(r, AP=0.0) for r in results]
         for i, r in enumerate(pts):
             x = x_key(r) if x_key else i
-            ax.scatter(x, r[col], s=45, label=r["name"], marker="s" if r["name"] == "reference" else "o")
+            dots = ax.scatter(x, r[col], s=45, label=r["name"], marker="s" if r["name"] == "reference" else "o")
+            ci, delta = r.get(INTERVAL), r.get("ΔAP", r.get("delta_AP"))
+            if col == "AP" and ci is not None and delta is not None:  # AP = reference + ΔAP, ΔAP in [lo, hi]
+                ax.errorbar(x, r[col], yerr=[[delta - ci[0]], [ci[1] - delta]], color=dots.get_facecolor()[0],
+                            capsize=3, lw=1)
         if x_key:
             ax.set_xscale("log")
             ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
@@ -94,6 +103,8 @@ def plot_accuracy(results: list[dict], out: Path, x_key=None) -> None:
                       if any(r.get(col) is not None for r in results) else "AP (no eval report given)")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7, loc="best")
+        if col == "AP" and any(r.get(INTERVAL) for r in pts):
+            ax.set_title("bars: ΔAP's 90% paired-bootstrap interval over images", fontsize=8)
     fig.suptitle("posellm-edge: accuracy vs speed" if x_key else "posellm-edge: accuracy per variant")
     fig.tight_layout()
     tmp = Path(out).with_name(Path(out).stem + ".tmp.png")

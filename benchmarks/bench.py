@@ -241,4 +241,6 @@ def plot(results: list[dict], out: Path) -> None:
 
 
 def _cell(v) -> str:
+    if isinstance(v, list):  # an interval (ΔAP 90%)
+        return f"[{v[0]:+.2f}, {v[1]:+.2f}]"
     return "" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)
