@@ -206,7 +206,9 @@ def fuzz_near_valid(app, examples: int, report: FuzzReport, run_seed: int | None
                 report.fail(label, "answer shape", f"{len(persons)} persons for {len(req['doc']['boxes'])} boxes",
                             status=200)
         elif r.status_code != 400 or (problem := check_error_body(r)):
-            report.fail(label, "400 with one message", f"{r.status_code}: {r.text[:300]}", status=r.status_code)
+            why = problem if r.status_code == 400 else "not a 400"
+            report.fail(label, "400 with one message", f"{r.status_code} ({why}): {r.text[:300]}",
+                        status=r.status_code)
 
     if run_seed is not None:
         run = seed(run_seed)(run)
