@@ -15,6 +15,8 @@ from pathlib import Path
 
 from runtime.errors import InputError
 
+from .ap_bootstrap import format_interval
+
 # report metric → the columns it contributes: (column, key in the report row, delta key)
 INTERVAL = "ΔAP 90%"  # ΔAP's paired-bootstrap interval (eval's delta_AP_ci90), drawn as error bars
 COLUMNS = {
@@ -66,8 +68,8 @@ def markdown(columns: list[str], rows: dict[str, dict]) -> str:
 
 
 def _fmt(v) -> str:
-    if isinstance(v, list):  # an interval
-        return f"[{v[0]:+.2f}, {v[1]:+.2f}]"
+    if isinstance(v, list):
+        return format_interval(v)
     return "–" if v is None else f"{v:.2f}" if isinstance(v, float) else str(v)
 
 

@@ -66,6 +66,10 @@ def delta_interval(ref_ap: np.ndarray, var_ap: np.ndarray, level: float = LEVEL)
     return [round(float(lo), 3), round(float(hi), 3)]
 
 
+def format_interval(ci: list[float]) -> str:
+    return f"[{ci[0]:+.2f}, {ci[1]:+.2f}]"
+
+
 def subset_report(ann: Path, predictions: Path, sizes: list[int]) -> dict:
     """ΔAP and its interval for every variant folder of `eval --predictions DIR`, on the first N images of the
     annotation file for each N in `sizes`: how many images a ΔAP target needs."""
@@ -110,8 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     for n, r in report.items():
         print(f"first {n} images ({r['persons']} persons), reference AP {r['reference_AP']:.2f}")
         for name, v in r["variants"].items():
-            lo, hi = v["delta_AP_ci90"]
-            print(f"  {name:28s} ΔAP {v['delta_AP']:+.2f}  90% [{lo:+.2f}, {hi:+.2f}]")
+            print(f"  {name:28s} ΔAP {v['delta_AP']:+.2f}  90% {format_interval(v['delta_AP_ci90'])}")
     if args.out:
         write_json(args.out, report)
     return 0

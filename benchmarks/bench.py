@@ -23,6 +23,7 @@ from runtime.image_io import load_image
 from runtime.results import write_json
 
 from .accuracy_summary import accuracy_by_variant, plot_accuracy, read_reports
+from .ap_bootstrap import format_interval
 from .evaluate import variant_name
 
 STAGES = ("preprocess", "vision", "prefix_prefill", "suffix_prefill", "decode")
@@ -241,6 +242,6 @@ def plot(results: list[dict], out: Path) -> None:
 
 
 def _cell(v) -> str:
-    if isinstance(v, list):  # an interval (ΔAP 90%)
-        return f"[{v[0]:+.2f}, {v[1]:+.2f}]"
+    if isinstance(v, list):  # ΔAP 90%
+        return format_interval(v)
     return "" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)

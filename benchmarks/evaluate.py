@@ -82,12 +82,16 @@ class CocoBenchmark:
     def prediction(record, result) -> dict:
         return result.to_coco(record.image_id)
 
+    def scored(self, predictions: list[dict]) -> tuple[list[dict], list[int]]:
+        """The predictions pycocotools scores, and over which images."""
+        return predictions, list(self.groups)
+
     def metrics(self, predictions: list[dict]) -> dict:
-        return coco_keypoint_metrics(self.ann, predictions, list(self.groups))
+        return coco_keypoint_metrics(self.ann, *self.scored(predictions))
 
     def evaluated(self, predictions: list[dict]):
         """pycocotools' per-image matching, for the ΔAP bootstrap (ap_bootstrap.py)."""
-        return ap_bootstrap.evaluated(self.ann, predictions, list(self.groups))
+        return ap_bootstrap.evaluated(self.ann, *self.scored(predictions))
 
 
 def variant_name(bundle: Path, precision: str, decoding: str, several_bundles: bool) -> str:
@@ -120,17 +124,10 @@ class DetectedCocoBenchmark(CocoBenchmark):
         return (f"{len(self.groups)} images, {sum(len(v) for v in self.groups.values())} detected persons from "
                 f"{self.detections} (score >= {self.det_score})")
 
-    def metrics(self, predictions: list[dict]) -> dict:
+    def scored(self, predictions: list[dict]) -> tuple[list[dict], list[int]]:
         from .detected_persons import rescore_and_nms
         records = [r for recs in self.groups.values() for r in recs]  # run_variant's order
-        return coco_keypoint_metrics(self.ann, rescore_and_nms(predictions, records, list(self.box_scores)),
-                                     list(self.image_ids))
-
-    def evaluated(self, predictions: list[dict]):
-        from .detected_persons import rescore_and_nms
-        records = [r for recs in self.groups.values() for r in recs]
-        return ap_bootstrap.evaluated(self.ann, rescore_and_nms(predictions, records, list(self.box_scores)),
-                                      list(self.image_ids))
+        return rescore_and_nms(predictions, records, list(self.box_scores)), list(self.image_ids)
 
 
 def load_benchmark(cfg: EvalConfig):
@@ -282,7 +279,7 @@ class _DeltaInterval:
 
 
 def _fmt_interval(ci) -> str:
-    return "" if ci is None else f", 90% [{ci[0]:+.2f}, {ci[1]:+.2f}]"
+    return "" if ci is None else f", 90% {ap_bootstrap.format_interval(ci)}"
 
 
 def _label(key: str) -> str:
@@ -329,6 +326,6 @@ def markdown_table(report: dict, columns=METRICS) -> str:
 
 
 def _fmt(v) -> str:
-    if isinstance(v, list):  # an interval
-        return f"[{v[0]:+.2f}, {v[1]:+.2f}]"
+    if isinstance(v, list):
+        return ap_bootstrap.format_interval(v)
     return f"{v:.3f}" if isinstance(v, float) else ("–" if v is None else str(v))
