@@ -177,21 +177,23 @@ def quantize_bundle(cfg: QuantizeConfig, log: Callable[[str], None] = print) -> 
                 last_use = {chosen[n][0]: n for n in group}  # q/k/v share an input: freed after the last of them
                 for node in group:
                     act, weight = chosen[node]
-                    w = load_weight(src32, weight, base).astype(np.float32)
-                    importance = np.diag(hessians[act]) if act in hessians else None
+                    w = load_weight(src32, weight, base).astype(np.float32, copy=False)
+                    importance = np.diag(hessians[act]).copy() if act in hessians else None
                     rtn = quantize_rtn(w, bits[node], cfg.block_size, node, per_channel[node], cfg.scale_search,
                                        importance)
-                    gptq = (quantize_gptq(w, hessians[act], bits[node], cfg.block_size, cfg.damp, node,
-                                          per_channel[node], cfg.scale_search)
-                            if cfg.method == "gptq" else None)
+                    error = {"rtn": _output_error(w, rtn, hessians[act])} if act in hessians else {}
+                    gptq = None
+                    if cfg.method == "gptq":
+                        gptq = _gptq(w, hessians, act, last_use.get(act) == node, tmp / "hessian.npy", bits[node],
+                                     node, per_channel[node], cfg)
+                        error["gptq"] = _output_error(w, gptq, hessians.pop(act) if last_use.get(act) == node
+                                                      else hessians[act])
                     chosen_q = gptq if gptq is not None else rtn
                     for writer in writers.values():
                         writer.add(node, chosen_q)
                     shapes[node] = list(chosen_q.q.shape)
-                    if act in hessians:  # the output error each method leaves on the calibration activations
-                        errors[node] = {"rtn": _output_error(w, rtn, hessians[act]),
-                                        **({"gptq": _output_error(w, gptq, hessians[act])} if gptq is not None
-                                           else {})}
+                    if error:  # the output error each method leaves on the calibration activations
+                        errors[node] = error
                     del w, rtn, gptq, chosen_q
                     if last_use.get(act) == node:
                         hessians.pop(act, None)
@@ -322,6 +324,23 @@ def _lm_head_note(cfg: QuantizeConfig) -> str:
     if cfg.lm_head_bits == cfg.bits:
         return ", lm_head included"
     return f", lm_head int{cfg.lm_head_bits}{' per output channel' if cfg.bits == 4 else ''}"
+
+
+def _gptq(w: np.ndarray, hessians: dict[str, np.ndarray], act: str, last: bool, spill: Path, bits: int,
+          node: str, per_channel: bool, cfg: QuantizeConfig) -> BlockQuantized:
+    """GPTQ of `w` on `hessians[act]`. At the input's last use the statistics are handed over to the solve
+    (quantize_gptq frees them before inverting: 0.97 GB less at a 7B down_proj), kept on disk meanwhile and put
+    back in `hessians` afterwards for the output error."""
+    if not last:
+        return quantize_gptq(w, hessians[act], bits, cfg.block_size, cfg.damp, node, per_channel, cfg.scale_search)
+    np.save(spill, hessians[act])
+    try:
+        bq = quantize_gptq(w, [hessians.pop(act)], bits, cfg.block_size, cfg.damp, node, per_channel,
+                           cfg.scale_search)
+        hessians[act] = np.load(spill)
+    finally:
+        spill.unlink(missing_ok=True)
+    return bq
 
 
 def _output_error(w: np.ndarray, bq: BlockQuantized, h: np.ndarray) -> float:
