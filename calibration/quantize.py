@@ -33,11 +33,11 @@ from runtime.errors import InputError
 from runtime.manifest import GraphForm, GraphSpec, Manifest, Variant, load_manifest, sha256_file
 from runtime.memory import current_rss_bytes, peak_rss_bytes, peak_rss_context, reset_peak_rss
 
-from .blockwise import BITS, BLOCK_SIZES, BlockQuantized, quantize_gptq, quantize_rtn
+from .blockwise import BITS, BLOCK_SIZES, BlockQuantized, quantize_rtn
 from .calibrate import _diff, _int8_spec, _publish, weight_bytes
 from .qdq import QuantizationError
 from .form_writer import WrittenWeights, load_weight
-from .gptq_statistics import Calibration, layer_groups
+from .gptq_statistics import Calibration, gptq_handed_over, layer_groups, output_error
 from .segmented import SegmentedRunner
 from .weight_only import (ACCURACY_LEVELS, accuracy_level_twin, blocked_qdq_writer, matmul_nbits_writer,
                           matmul_weights)
@@ -181,12 +181,12 @@ def quantize_bundle(cfg: QuantizeConfig, log: Callable[[str], None] = print) -> 
                     importance = np.diag(hessians[act]).copy() if act in hessians else None
                     rtn = quantize_rtn(w, bits[node], cfg.block_size, node, per_channel[node], cfg.scale_search,
                                        importance)
-                    error = {"rtn": _output_error(w, rtn, hessians[act])} if act in hessians else {}
+                    error = {"rtn": output_error(w, rtn, hessians[act])} if act in hessians else {}
                     gptq = None
                     if cfg.method == "gptq":
-                        gptq = _gptq(w, hessians, act, last_use.get(act) == node, tmp / "hessian.npy", bits[node],
+                        gptq = gptq_handed_over(w, hessians, act, last_use.get(act) == node, tmp / "hessian.npy", bits[node],
                                      node, per_channel[node], cfg)
-                        error["gptq"] = _output_error(w, gptq, hessians.pop(act) if last_use.get(act) == node
+                        error["gptq"] = output_error(w, gptq, hessians.pop(act) if last_use.get(act) == node
                                                       else hessians[act])
                     chosen_q = gptq if gptq is not None else rtn
                     for writer in writers.values():
@@ -324,31 +324,6 @@ def _lm_head_note(cfg: QuantizeConfig) -> str:
     if cfg.lm_head_bits == cfg.bits:
         return ", lm_head included"
     return f", lm_head int{cfg.lm_head_bits}{' per output channel' if cfg.bits == 4 else ''}"
-
-
-def _gptq(w: np.ndarray, hessians: dict[str, np.ndarray], act: str, last: bool, spill: Path, bits: int,
-          node: str, per_channel: bool, cfg: QuantizeConfig) -> BlockQuantized:
-    """GPTQ of `w` on `hessians[act]`. At the input's last use the statistics are handed over to the solve
-    (quantize_gptq frees them before inverting: 0.97 GB less at a 7B down_proj), kept on disk meanwhile and put
-    back in `hessians` afterwards for the output error."""
-    if not last:
-        return quantize_gptq(w, hessians[act], bits, cfg.block_size, cfg.damp, node, per_channel, cfg.scale_search)
-    np.save(spill, hessians[act])
-    try:
-        bq = quantize_gptq(w, [hessians.pop(act)], bits, cfg.block_size, cfg.damp, node, per_channel,
-                           cfg.scale_search)
-        hessians[act] = np.load(spill)
-    finally:
-        spill.unlink(missing_ok=True)
-    return bq
-
-
-def _output_error(w: np.ndarray, bq: BlockQuantized, h: np.ndarray) -> float:
-    """||X (W - Wq)||_F / ||X W||_F from H = XᵀX: relative error of the layer's outputs on the calibration data."""
-    d = w.astype(np.float64) - bq.dequantize(np.float64)
-    num = float(np.sum(d * (h @ d)))
-    den = float(np.sum(w * (h @ w.astype(np.float64))))
-    return float(np.sqrt(num / den)) if den > 0 else 0.0
 
 
 def _decoder_runner(path: Path, spec: GraphSpec, manifest: Manifest, cfg: QuantizeConfig) -> GraphRunner:
