@@ -31,7 +31,7 @@ from runtime.backends.onnxruntime import OrtRunner, session_options
 from runtime.decoding import Decoder
 from runtime.errors import InputError
 from runtime.manifest import GraphForm, GraphSpec, Manifest, Variant, load_manifest, sha256_file
-from runtime.memory import current_rss_bytes, peak_rss_bytes, peak_rss_context, reset_peak_rss
+from runtime.memory import current_rss_bytes, peak_rss_bytes, peak_rss_context, reset_peak_rss, trim_heap
 
 from .blockwise import BITS, BLOCK_SIZES, BlockQuantized, quantize_rtn
 from .calibrate import _diff, _int8_spec, _publish, weight_bytes
@@ -198,6 +198,7 @@ def quantize_bundle(cfg: QuantizeConfig, log: Callable[[str], None] = print) -> 
                     if last_use.get(act) == node:
                         hessians.pop(act, None)
                 del hessians
+                trim_heap()  # the group's freed statistics and solve buffers leave the RSS
                 phase("statistics replayed, weights quantized and written (per group)")
                 quant_s += time.perf_counter() - t0
             if calibration is not None:

@@ -24,6 +24,7 @@ from onnx import TensorProto, external_data_helper, helper
 
 from runtime.backends.base import GraphRunner
 from runtime.manifest import GraphSpec
+from runtime.memory import trim_heap
 
 from .qdq import QuantizationError
 
@@ -190,15 +191,19 @@ class SegmentedRunner(GraphRunner):
         """Close the sessions kept open (their weights leave memory); the segment graphs stay."""
         for seg in self.segments:
             seg.session = None
+        trim_heap()
 
     def segment_of(self, tensor: str) -> int:
         return next(i for i, s in enumerate(self.segments) if tensor in s.outputs)
 
     def close(self) -> None:
-        for seg in getattr(self, "segments", []):
+        segments = getattr(self, "segments", [])
+        for seg in segments:
             seg.session = None
             seg.file.unlink(missing_ok=True)
         self.segments = []
+        if segments:
+            trim_heap()
 
     def __del__(self) -> None:
         self.close()

@@ -20,6 +20,7 @@ from exporter.validate import (ValidationError, format_checks, reference_outputs
                                validate_variant)
 from posellm.lazy_weights import WeightSource, expected_shapes, open_weights
 from runtime.manifest import Manifest, Variant
+from runtime.memory import trim_heap
 
 from .blockwise import BlockQuantized
 from .qdq import QuantizationError
@@ -141,6 +142,7 @@ def validate_against_pytorch(checkpoint: Path, manifest: Manifest, bundle: Path,
         finally:
             if runner is not None:
                 runner.close()
+            trim_heap()
 
     source = open_weights(checkpoint)  # lazy: the references hold one LLM layer at a time, as the export's
     names = match_weight_names(source, bundle / fp32.decoder.file, set(quantized))
