@@ -13,7 +13,8 @@ load), one run. Random weights make the answers meaningless; template decoding's
 
 `--memory` (issue #24) instead measures `quantize` itself as a user runs it — int4, RTN and GPTQ, validation against
 the PyTorch checkpoint on, each in its own process — on an fp32 + fp16 bundle of each `--layers` count in turn,
-and fits the per-layer slope of peak RSS and seconds between the first two counts, extrapolated to 32 layers:
+and fits the per-layer slope of peak RSS and seconds between the first two counts, extrapolated to 32 layers —
+the peak RSS step by step (each step of quantize on its own slope; the 32-layer peak is the largest step's):
 
     python -m benchmarks.quant_fullwidth --memory --layers 2 4 --tokenizer ../shared/fixtures/llama-tokenizer \
         --coco ../shared/data/coco-mini/person_keypoints.json --images ../shared/data/coco-mini/images \
