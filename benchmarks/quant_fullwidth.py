@@ -13,7 +13,8 @@ load), one run. Random weights make the answers meaningless; template decoding's
 
 `--memory` (issue #24) instead measures `quantize` itself as a user runs it — int4, RTN and GPTQ, validation against
 the PyTorch checkpoint on, each in its own process — on an fp32 + fp16 bundle of each `--layers` count in turn,
-and fits the per-layer slope of peak RSS and seconds between the first two counts, extrapolated to 32 layers:
+and fits the per-layer slope of peak RSS and seconds between the first two counts, extrapolated to 32 layers —
+the peak RSS step by step (each step of quantize on its own slope; the 32-layer peak is the largest step's):
 
     python -m benchmarks.quant_fullwidth --memory --layers 2 4 --tokenizer ../shared/fixtures/llama-tokenizer \
         --coco ../shared/data/coco-mini/person_keypoints.json --images ../shared/data/coco-mini/images \
@@ -107,16 +108,43 @@ def _quantize_run(a: argparse.Namespace, bundle: Path, ckpt: Path, method: str) 
             "log": proc.stdout.strip().splitlines()}
 
 
-def _per_layer(runs: dict[int, dict[str, Any]], lo: int, hi: int) -> dict[str, Any]:
-    """Linear in the layer count (every layer has the same shapes): slope between two counts, value at 32."""
+# issue #24's 32-layer targets for the peak RSS (the bound itself grows with the variant's bytes)
+TARGET_GB_AT_32 = {"rtn": 12.0, "gptq": 16.0}
+
+
+def _per_layer(runs: dict[int, dict[str, Any]], lo: int, hi: int, method: str = "rtn") -> dict[str, Any]:
+    """Linear in the layer count (every layer has the same shapes): slope between two counts, value at 32.
+
+    The peak RSS is extrapolated step by step: each step of quantize has its own per-layer growth (one that holds
+    a layer's weights grows by that much a layer while the overall peak may sit in another step at 2 and 4 layers),
+    so the 32-layer peak is the largest of the steps' 32-layer values — never less than a step's measured peak."""
     out = {}
     for key in ("peak_rss_gb", "seconds", "variant_weight_bytes", "fp16_weight_bytes"):
         slope = (runs[hi][key] - runs[lo][key]) / (hi - lo)
         out[f"{key}_per_layer"] = round(slope, 4)
         out[f"{key}_at_{FULL_LAYERS}"] = round(runs[hi][key] + slope * (FULL_LAYERS - hi), 3)
-    out[f"ratio_vs_fp16_per_layer"] = round(out["variant_weight_bytes_per_layer"] / out["fp16_weight_bytes_per_layer"], 4)
+    out["ratio_vs_fp16_per_layer"] = round(out["variant_weight_bytes_per_layer"]
+                                           / out["fp16_weight_bytes_per_layer"], 4)
     v32 = out[f"variant_weight_bytes_at_{FULL_LAYERS}"]
     out[f"bound_gb_at_{FULL_LAYERS}"] = round((2 * v32 + 4e9) / 1e9, 3)
+    steps_lo, steps_hi = runs[lo].get("peak_rss_gb_by_step") or {}, runs[hi].get("peak_rss_gb_by_step") or {}
+    by_step = {}
+    for step in [s for s in steps_hi if s in steps_lo]:
+        slope = (steps_hi[step] - steps_lo[step]) / (hi - lo)
+        at_full = max(steps_hi[step], steps_hi[step] + slope * (FULL_LAYERS - hi))
+        by_step[step] = {"per_layer": round(slope, 4), f"at_{FULL_LAYERS}": round(at_full, 3)}
+    if by_step:
+        out[f"peak_rss_gb_by_step_at_{FULL_LAYERS}"] = by_step
+        # the overall peak's own straight line (the old estimate: it misses a step that overtakes the others)
+        out[f"peak_rss_gb_at_{FULL_LAYERS}_from_overall_peak"] = out[f"peak_rss_gb_at_{FULL_LAYERS}"]
+        worst = max(by_step, key=lambda s: by_step[s][f"at_{FULL_LAYERS}"])
+        out[f"peak_rss_gb_at_{FULL_LAYERS}"] = by_step[worst][f"at_{FULL_LAYERS}"]
+        out[f"peak_step_at_{FULL_LAYERS}"] = worst
+    est = out[f"peak_rss_gb_at_{FULL_LAYERS}"]
+    out[f"meets_bound_at_{FULL_LAYERS}"] = est <= out[f"bound_gb_at_{FULL_LAYERS}"]
+    if method in TARGET_GB_AT_32:
+        out[f"target_gb_at_{FULL_LAYERS}"] = TARGET_GB_AT_32[method]
+        out[f"meets_target_at_{FULL_LAYERS}"] = est <= TARGET_GB_AT_32[method]
     return out
 
 
@@ -146,8 +174,12 @@ def memory(a: argparse.Namespace) -> dict[str, Any]:
             shutil.rmtree(bundle, ignore_errors=True)
         if len(a.layers) >= 2:
             lo, hi = a.layers[:2]
-            res["per_layer"] = {m: _per_layer({lo: res["runs"][str(lo)][m], hi: res["runs"][str(hi)][m]}, lo, hi)
+            res["per_layer"] = {m: _per_layer({lo: res["runs"][str(lo)][m], hi: res["runs"][str(hi)][m]}, lo, hi, m)
                                 for m in a.methods}
+            for m, p in res["per_layer"].items():
+                print(f"{m} at {FULL_LAYERS} layers: peak RSS {p[f'peak_rss_gb_at_{FULL_LAYERS}']:.2f} GB "
+                      f"({p.get(f'peak_step_at_{FULL_LAYERS}')}), bound {p[f'bound_gb_at_{FULL_LAYERS}']:.2f} GB, "
+                      f"target {p.get(f'target_gb_at_{FULL_LAYERS}')} GB")
     return res
 
 

@@ -84,8 +84,8 @@ def quantize_rtn(w: np.ndarray, bits: int, block_size: int, name: str = "weight"
     return BlockQuantized(_round(w32, per_row(scales, block_size, len(w32)), bits), scales, bits, block_size)
 
 
-def quantize_gptq(w: np.ndarray, hessian: np.ndarray, bits: int, block_size: int, damp: float = 0.01,
-                  name: str = "weight", per_channel: bool = False) -> BlockQuantized:
+def quantize_gptq(w: np.ndarray, hessian: np.ndarray | list[np.ndarray], bits: int, block_size: int,
+                  damp: float = 0.01, name: str = "weight", per_channel: bool = False) -> BlockQuantized:
     """GPTQ in activation order with static groups: each block's scale is fixed up front (as RTN would pick it),
     then input rows are rounded from the most to the least active one (descending diag H), each row's error
     spread over the rows not yet rounded — the GPTQ reference's `act_order` + `static_groups`, which keeps the
@@ -94,29 +94,35 @@ def quantize_gptq(w: np.ndarray, hessian: np.ndarray, bits: int, block_size: int
     `hessian` is Σ xᵀx [K, K] over the calibration tokens that reach this weight; `damp` × mean(diag) is added
     for numerical stability (the paper's 1%). Input features never seen (zero diagonal) are zeroed, as in GPTQ.
     `per_channel`: one scale per column in every block (channel_scales); rows are still batched by `block_size`.
+    `hessian` given as a one-element list is handed over: the list is emptied once the permuted copy is made (the
+    solve never needs the original again), so a caller holding no other reference frees it before the solve.
     """
+    box = hessian if isinstance(hessian, list) else [hessian]
+    hessian = box[0]
     check_shape(w.shape, bits, block_size, name)
     k, n = w.shape
     if hessian.shape != (k, k):
         raise InputError(f"{name}: hessian {list(hessian.shape)} does not match {k} input features")
-    W = np.array(w, dtype=np.float64)
-    # At most three [K, K] float64 arrays at once (the caller's H, the permuted copy, its inverse / factor): at
-    # Vicuna-7B's down_proj (K = 11008) each is 0.97 GB. The values are those of the textbook sequence exactly.
+    # Memory (issue #24): at Vicuna-7B's down_proj (K = 11008) each [K, K] float64 array is 0.97 GB, and
+    # np.linalg.inv holds four (its argument, two LAPACK buffers, the result). So nothing else [K, K] is alive
+    # then — the caller's H is released after the permuted copy — and the float64 W [K, N] is made after the
+    # factorisation. The values are those of the textbook sequence exactly (same operations, same order).
     diag = np.diag(hessian).astype(np.float64)
     dead = diag == 0
     diag[dead] = 1.0
-    W[dead, :] = 0.0
-    scales = (channel_scales if per_channel else block_scales)(W, bits, block_size)
-    row_scale = per_row(scales, block_size, k).astype(np.float64)
+    scales = (channel_scales if per_channel else block_scales)(_float64_rows(w, dead), bits, block_size)
     perm = np.argsort(-diag, kind="stable")
     H = np.asarray(hessian)[np.ix_(perm, perm)].astype(np.float64, copy=False)
+    del hessian
+    box.clear()
     H[np.flatnonzero(dead[perm]), np.flatnonzero(dead[perm])] = 1.0
-    W, row_scale = W[perm], row_scale[perm]
     H[np.diag_indices(k)] += damp * np.mean(np.diag(H))
     # Upper Cholesky factor of H⁻¹: row i holds the weights that spread row i's rounding error over rows > i.
     H = np.linalg.inv(H)
     U = np.linalg.cholesky(H).T
     del H
+    W = _float64_rows(w, dead)[perm]
+    row_scale = per_row(scales, block_size, k).astype(np.float64)[perm]
     q = np.zeros((k, n), np.int8)
     lo, hi = -2 ** (bits - 1), 2 ** (bits - 1) - 1
     for b0 in range(0, k, block_size):  # lazy batches of rows (in activation order)
@@ -131,6 +137,13 @@ def quantize_gptq(w: np.ndarray, hessian: np.ndarray, bits: int, block_size: int
     out = np.empty_like(q)
     out[perm] = q
     return BlockQuantized(out, scales, bits, block_size)
+
+
+def _float64_rows(w: np.ndarray, dead: np.ndarray) -> np.ndarray:
+    """`w` as float64 with the rows of never-seen inputs zeroed (GPTQ's working copy of the weight)."""
+    W = np.array(w, dtype=np.float64)
+    W[dead, :] = 0.0
+    return W
 
 
 # ------------------------------------------------------------------------------------------- MatMulNBits packing

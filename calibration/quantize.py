@@ -31,13 +31,13 @@ from runtime.backends.onnxruntime import OrtRunner, session_options
 from runtime.decoding import Decoder
 from runtime.errors import InputError
 from runtime.manifest import GraphForm, GraphSpec, Manifest, Variant, load_manifest, sha256_file
-from runtime.memory import current_rss_bytes, peak_rss_bytes, peak_rss_context, reset_peak_rss
+from runtime.memory import current_rss_bytes, peak_rss_bytes, peak_rss_context, reset_peak_rss, trim_heap
 
-from .blockwise import BITS, BLOCK_SIZES, BlockQuantized, quantize_gptq, quantize_rtn
+from .blockwise import BITS, BLOCK_SIZES, quantize_rtn
 from .calibrate import _diff, _int8_spec, _publish, weight_bytes
 from .qdq import QuantizationError
 from .form_writer import WrittenWeights, load_weight
-from .gptq_statistics import Calibration, layer_groups
+from .gptq_statistics import Calibration, gptq_handed_over, layer_groups, output_error
 from .segmented import SegmentedRunner
 from .weight_only import (ACCURACY_LEVELS, accuracy_level_twin, blocked_qdq_writer, matmul_nbits_writer,
                           matmul_weights)
@@ -174,23 +174,26 @@ def quantize_bundle(cfg: QuantizeConfig, log: Callable[[str], None] = print) -> 
                 last_use = {chosen[n][0]: n for n in group}  # q/k/v share an input: freed after the last of them
                 for node in group:
                     act, weight = chosen[node]
-                    w = load_weight(src32, weight, base).astype(np.float32)
+                    w = load_weight(src32, weight, base).astype(np.float32, copy=False)
                     rtn = quantize_rtn(w, bits[node], cfg.block_size, node, per_channel[node])
-                    gptq = (quantize_gptq(w, hessians[act], bits[node], cfg.block_size, cfg.damp, node,
-                                          per_channel[node])
-                            if cfg.method == "gptq" else None)
+                    error = {"rtn": output_error(w, rtn, hessians[act])} if act in hessians else {}
+                    gptq = None
+                    if cfg.method == "gptq":
+                        last = last_use.get(act) == node
+                        gptq = gptq_handed_over(w, hessians, act, last, tmp / "hessian.npy", bits[node], node,
+                                                per_channel[node], cfg)
+                        error["gptq"] = output_error(w, gptq, hessians.pop(act) if last else hessians[act])
                     chosen_q = gptq if gptq is not None else rtn
                     for writer in writers.values():
                         writer.add(node, chosen_q)
                     shapes[node] = list(chosen_q.q.shape)
-                    if act in hessians:  # the output error each method leaves on the calibration activations
-                        errors[node] = {"rtn": _output_error(w, rtn, hessians[act]),
-                                        **({"gptq": _output_error(w, gptq, hessians[act])} if gptq is not None
-                                           else {})}
+                    if error:  # the output error each method leaves on the calibration activations
+                        errors[node] = error
                     del w, rtn, gptq, chosen_q
                     if last_use.get(act) == node:
                         hessians.pop(act, None)
                 del hessians
+                trim_heap()  # the group's freed statistics and solve buffers leave the RSS
                 phase("statistics replayed, weights quantized and written (per group)")
                 quant_s += time.perf_counter() - t0
             if calibration is not None:
@@ -317,14 +320,6 @@ def _lm_head_note(cfg: QuantizeConfig) -> str:
     if cfg.lm_head_bits == cfg.bits:
         return ", lm_head included"
     return f", lm_head int{cfg.lm_head_bits}{' per output channel' if cfg.bits == 4 else ''}"
-
-
-def _output_error(w: np.ndarray, bq: BlockQuantized, h: np.ndarray) -> float:
-    """||X (W - Wq)||_F / ||X W||_F from H = XᵀX: relative error of the layer's outputs on the calibration data."""
-    d = w.astype(np.float64) - bq.dequantize(np.float64)
-    num = float(np.sum(d * (h @ d)))
-    den = float(np.sum(w * (h @ w.astype(np.float64))))
-    return float(np.sqrt(num / den)) if den > 0 else 0.0
 
 
 def _decoder_runner(path: Path, spec: GraphSpec, manifest: Manifest, cfg: QuantizeConfig) -> GraphRunner:

@@ -24,6 +24,7 @@ from onnx import TensorProto, external_data_helper, helper
 
 from runtime.backends.base import GraphRunner
 from runtime.manifest import GraphSpec
+from runtime.memory import trim_heap
 
 from .qdq import QuantizationError
 
@@ -140,7 +141,7 @@ class SegmentedRunner(GraphRunner):
         onnx.save_model(seg, name)
         size = sum(int({e.key: e.value for e in t.external_data}["length"])
                    if external_data_helper.uses_external_data(t) else t.ByteSize() for t in inits)
-        return Segment(Path(name), ins, outs, size)
+        return Segment(Path(name), ins, outs, size + _prepacked_bytes(nodes))
 
     def _session(self, seg: Segment, budget: list[int]):
         if seg.session is not None:
@@ -190,18 +191,34 @@ class SegmentedRunner(GraphRunner):
         """Close the sessions kept open (their weights leave memory); the segment graphs stay."""
         for seg in self.segments:
             seg.session = None
+        trim_heap()
 
     def segment_of(self, tensor: str) -> int:
         return next(i for i, s in enumerate(self.segments) if tensor in s.outputs)
 
     def close(self) -> None:
-        for seg in getattr(self, "segments", []):
+        segments = getattr(self, "segments", [])
+        for seg in segments:
             seg.session = None
             seg.file.unlink(missing_ok=True)
         self.segments = []
+        if segments:
+            trim_heap()
 
     def __del__(self) -> None:
         self.close()
+
+
+def _prepacked_bytes(nodes) -> int:
+    """What onnxruntime's CPU kernels add to a segment's resident size beyond its stored weights: a level-0
+    MatMulNBits prepacks its ints as floats (K x N x 4 bytes, 0.81 GB per 7B layer for 0.1 GB stored), so sessions
+    are kept open by that size (issue #24: counted by file bytes, nine int4 layers' sessions stayed open)."""
+    out = 0
+    for n in nodes:
+        if n.op_type == "MatMulNBits":
+            a = {x.name: x.i for x in n.attribute}
+            out += 4 * a["K"] * a["N"] if a.get("accuracy_level", 0) == 0 else 0
+    return out
 
 
 def _elem_types(model: onnx.ModelProto) -> dict[str, int]:

@@ -143,7 +143,8 @@ def write_blocked_qdq(src: Path, dst: Path, quantized: Mapping[str, BlockQuantiz
 
 
 # ------------------------------------------------------------------------------------------ calibration tap
-def accumulate(hessians: dict[str, np.ndarray], tokens: dict[str, int], acts: Mapping[str, Any], attention_mask) -> None:
+def accumulate(hessians: dict[str, np.ndarray], tokens: dict[str, int], acts: Mapping[str, Any],
+               attention_mask) -> None:
     """Σ xᵀx (float64) of one decoder call's MatMul inputs, over the tokens the attention mask marks real."""
     mask = np.asarray(attention_mask).astype(bool)
     for a in sorted(acts):

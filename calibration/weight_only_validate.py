@@ -20,6 +20,7 @@ from exporter.validate import (ValidationError, format_checks, reference_outputs
                                validate_variant)
 from posellm.lazy_weights import WeightSource, expected_shapes, open_weights
 from runtime.manifest import Manifest, Variant
+from runtime.memory import trim_heap
 
 from .blockwise import BlockQuantized
 from .qdq import QuantizationError
@@ -94,6 +95,30 @@ def match_weight_names(source: WeightSource, fp32_decoder: Path, nodes: set[str]
     return out
 
 
+class _FusedQdqSession:
+    """The blocked-DQ graph as onnxruntime's optimizer leaves it (each DequantizeLinear → MatMul fused into
+    MatMulNBits, as _compare_forms runs it), opened when validate_variant first uses it (after its vision session).
+    Unfused (the export's fp16 settings: no optimization) every DequantizeLinear runs before the first layer, all the
+    dequantized fp16 weights alive at once (0.4 GB per 7B layer; issue #24)."""
+
+    def __init__(self, path: Path, precision: str) -> None:
+        self.path, self.precision, self.session = path, precision, None
+
+    def _open(self):
+        if self.session is None:
+            import onnxruntime as ort
+            opts = session_options(self.precision)
+            opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+            self.session = ort.InferenceSession(str(self.path), opts, providers=["CPUExecutionProvider"])
+        return self.session
+
+    def get_outputs(self):
+        return self._open().get_outputs()
+
+    def run(self, names, feeds):
+        return self._open().run(names, feeds)
+
+
 def validate_against_pytorch(checkpoint: Path, manifest: Manifest, bundle: Path, fp32: Variant,
                              quantized: Mapping[str, BlockQuantized], nbits_decoder: Path, shipped_decoder: Path,
                              qdq_decoder: Path, qdq_precision: str, log: Callable[[str], None] = print,
@@ -112,10 +137,12 @@ def validate_against_pytorch(checkpoint: Path, manifest: Manifest, bundle: Path,
                   if precision == "fp32" else None)
         try:
             return validate_variant(ref, vision, decoder, precision, d.num_layers, d.num_kv_heads, d.head_dim,
-                                    d.logits_positions, digits, SegmentedSession(runner) if runner else None)
+                                    d.logits_positions, digits,
+                                    SegmentedSession(runner) if runner else _FusedQdqSession(decoder, precision))
         finally:
             if runner is not None:
                 runner.close()
+            trim_heap()
 
     source = open_weights(checkpoint)  # lazy: the references hold one LLM layer at a time, as the export's
     names = match_weight_names(source, bundle / fp32.decoder.file, set(quantized))

@@ -24,3 +24,19 @@ def test_tiny_run_times_every_variant_against_fp32(tokenizer_dir, tmp_path):
     assert set(q) == set(v) - {"fp32"} and all(x["peak_rss_gb"] > 0.05 and x["seconds"] > 0 for x in q.values())
     assert q["int4"]["decoder_weight_bytes"] < q["int8wo"]["decoder_weight_bytes"]
     assert not (tmp_path / "work").exists()  # checkpoint and bundle removed
+
+
+def test_memory_extrapolation_takes_each_steps_own_slope():
+    """A step growing per layer overtakes a flat one at 32 layers; the overall peak's line would miss it."""
+    from benchmarks.quant_fullwidth import _per_layer
+
+    def run(layers, grow):
+        return {"peak_rss_gb": max(5.0, 1.0 + grow * layers), "seconds": 10.0 * layers,
+                "variant_weight_bytes": 10**8 * layers, "fp16_weight_bytes": 4 * 10**8 * layers,
+                "peak_rss_gb_by_step": {"flat": 5.0, "growing": 1.0 + grow * layers}}
+    p = _per_layer({2: run(2, 0.4), 4: run(4, 0.4)}, 2, 4, "rtn")
+    assert p["peak_rss_gb_at_32_from_overall_peak"] == 5.0  # the old estimate
+    assert p["peak_rss_gb_by_step_at_32"]["growing"] == {"per_layer": 0.4, "at_32": 13.8}
+    assert p["peak_rss_gb_at_32"] == 13.8 and p["peak_step_at_32"] == "growing"
+    assert p["bound_gb_at_32"] == 10.4 and not p["meets_bound_at_32"]
+    assert p["target_gb_at_32"] == 12.0 and not p["meets_target_at_32"]
