@@ -177,9 +177,9 @@ def quantize_bundle(cfg: QuantizeConfig, log: Callable[[str], None] = print) -> 
                     w = load_weight(src32, weight, base).astype(np.float32, copy=False)
                     rtn = quantize_rtn(w, bits[node], cfg.block_size, node, per_channel[node])
                     error = {"rtn": output_error(w, rtn, hessians[act])} if act in hessians else {}
+                    last = last_use.get(act) == node
                     gptq = None
                     if cfg.method == "gptq":
-                        last = last_use.get(act) == node
                         gptq = gptq_handed_over(w, hessians, act, last, tmp / "hessian.npy", bits[node], node,
                                                 per_channel[node], cfg)
                         error["gptq"] = output_error(w, gptq, hessians.pop(act) if last else hessians[act])
@@ -190,7 +190,7 @@ def quantize_bundle(cfg: QuantizeConfig, log: Callable[[str], None] = print) -> 
                     if error:  # the output error each method leaves on the calibration activations
                         errors[node] = error
                     del w, rtn, gptq, chosen_q
-                    if last_use.get(act) == node:
+                    if last:
                         hessians.pop(act, None)
                 del hessians
                 trim_heap()  # the group's freed statistics and solve buffers leave the RSS
