@@ -96,6 +96,7 @@ def _quantize_run(a: argparse.Namespace, bundle: Path, ckpt: Path, method: str) 
     variant_bytes = art["sizes"]["onnxruntime_weight_bytes"]
     return {"seconds": art["seconds"], "wall_s": round(time.perf_counter() - t0, 1),
             "peak_rss_gb": round(art["peak_rss_bytes"] / 1e9, 3), "peak_rss_gb_by_step": art.get("peak_rss_gb_by_step"),
+            "rss_gb_by_group": art.get("rss_gb_by_group"),
             "variant_weight_bytes": variant_bytes, "fp16_weight_bytes": art["sizes"]["fp16_weight_bytes"],
             "ratio_vs_fp16": art["sizes"]["onnxruntime_ratio_vs_fp16"],
             "tensorrt_ratio_vs_fp16": art["sizes"]["tensorrt_ratio_vs_fp16"],
@@ -140,12 +141,29 @@ def _per_layer(runs: dict[int, dict[str, Any]], lo: int, hi: int, method: str = 
         worst = max(by_step, key=lambda s: by_step[s][f"at_{FULL_LAYERS}"])
         out[f"peak_rss_gb_at_{FULL_LAYERS}"] = by_step[worst][f"at_{FULL_LAYERS}"]
         out[f"peak_step_at_{FULL_LAYERS}"] = worst
+    groups = _group_drift(runs[hi].get("rss_gb_by_group"), hi)
+    if groups:
+        out["per_group_in_run"] = groups
     est = out[f"peak_rss_gb_at_{FULL_LAYERS}"]
     out[f"meets_bound_at_{FULL_LAYERS}"] = est <= out[f"bound_gb_at_{FULL_LAYERS}"]
     if method in TARGET_GB_AT_32:
         out[f"target_gb_at_{FULL_LAYERS}"] = TARGET_GB_AT_32[method]
         out[f"meets_target_at_{FULL_LAYERS}"] = est <= TARGET_GB_AT_32[method]
     return out
+
+
+def _group_drift(groups: dict[str, list[float]] | None, layers: int) -> dict[str, Any] | None:
+    """The per-group step seen within one run: how much the RSS at a group's start drifts per layer (what a layer
+    leaves behind) and the largest peak above a group's start (what one layer needs while quantized). Unlike the
+    slope between two runs this does not take run-to-run noise of the peaks for growth."""
+    if not groups or len(groups["start"]) < 2:
+        return None
+    start, peak = groups["start"], groups["peak"]
+    per_layer = (len(start) - 1) / max(1, layers - 1)  # groups per layer (hessian_layers)
+    drift = (start[-1] - start[0]) / (len(start) - 1) / per_layer if per_layer else 0.0
+    return {"start_drift_gb_per_layer": round(drift, 4),
+            "largest_peak_above_start_gb": round(max(p - s for p, s in zip(peak, start)), 3),
+            f"at_{FULL_LAYERS}": round(max(peak) + max(0.0, drift) * (FULL_LAYERS - layers), 3)}
 
 
 def memory(a: argparse.Namespace) -> dict[str, Any]:

@@ -110,7 +110,12 @@ def quantize_gptq(w: np.ndarray, hessian: np.ndarray | list[np.ndarray], bits: i
     diag = np.diag(hessian).astype(np.float64)
     dead = diag == 0
     diag[dead] = 1.0
-    scales = (channel_scales if per_channel else block_scales)(_float64_rows(w, dead), bits, block_size)
+    # the scales see w with the dead rows zeroed, in float32 (as block_scales rounds any input): the values of the
+    # float64 working copy, at half its size
+    w32 = np.array(w, dtype=np.float32)
+    w32[dead, :] = 0.0
+    scales = (channel_scales if per_channel else block_scales)(w32, bits, block_size)
+    del w32
     perm = np.argsort(-diag, kind="stable")
     H = np.asarray(hessian)[np.ix_(perm, perm)].astype(np.float64, copy=False)
     del hessian
@@ -121,16 +126,19 @@ def quantize_gptq(w: np.ndarray, hessian: np.ndarray | list[np.ndarray], bits: i
     H = np.linalg.inv(H)
     U = np.linalg.cholesky(H).T
     del H
-    W = _float64_rows(w, dead)[perm]
-    row_scale = per_row(scales, block_size, k).astype(np.float64)[perm]
+    W = _permuted_float64_rows(w, dead, perm)
+    # each row's scales, looked up as the row comes (a [K, N] float64 table is 1.05 GB at lm_head): float16 ->
+    # float64 is exact, so the values are per_row's
+    scales64 = scales.astype(np.float64)
     q = np.zeros((k, n), np.int8)
     lo, hi = -2 ** (bits - 1), 2 ** (bits - 1) - 1
     for b0 in range(0, k, block_size):  # lazy batches of rows (in activation order)
         b1 = min(b0 + block_size, k)
         err = np.zeros((b1 - b0, n))
         for i in range(b0, b1):
-            q[i] = np.clip(np.rint(W[i] / row_scale[i]), lo, hi)
-            e = (W[i] - q[i] * row_scale[i]) / U[i, i]
+            row_scale = scales64[perm[i] // block_size]
+            q[i] = np.clip(np.rint(W[i] / row_scale), lo, hi)
+            e = (W[i] - q[i] * row_scale) / U[i, i]
             W[i + 1:b1] -= np.outer(U[i, i + 1:b1], e)
             err[i - b0] = e
         W[b1:] -= U[b0:b1, b1:].T @ err
@@ -139,10 +147,14 @@ def quantize_gptq(w: np.ndarray, hessian: np.ndarray | list[np.ndarray], bits: i
     return BlockQuantized(out, scales, bits, block_size)
 
 
-def _float64_rows(w: np.ndarray, dead: np.ndarray) -> np.ndarray:
-    """`w` as float64 with the rows of never-seen inputs zeroed (GPTQ's working copy of the weight)."""
-    W = np.array(w, dtype=np.float64)
-    W[dead, :] = 0.0
+def _permuted_float64_rows(w: np.ndarray, dead: np.ndarray, perm: np.ndarray, chunk: int = 1024) -> np.ndarray:
+    """GPTQ's working copy of the weight: `w[perm]` as float64, the rows of never-seen inputs zeroed — filled a few
+    rows at a time, so that no second [K, N] float64 array exists while it is made."""
+    src = np.asarray(w)
+    W = np.empty(src.shape, np.float64)
+    for r0 in range(0, len(perm), chunk):
+        W[r0:r0 + chunk] = src[perm[r0:r0 + chunk]]
+    W[dead[perm], :] = 0.0
     return W
 
 

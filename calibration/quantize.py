@@ -164,12 +164,19 @@ def quantize_bundle(cfg: QuantizeConfig, log: Callable[[str], None] = print) -> 
                 stats_s += time.perf_counter() - t0
                 phase("calibration decoding (recorded)")
             groups = layer_groups(list(chosen), manifest.dims.num_layers, cfg.hessian_layers)
+            # RSS when each group begins and its peak: within one run, what a layer adds for good (a drift of the
+            # start) is told apart from what it needs while it is quantized (the peak above the start)
+            group_rss: dict[str, list[int]] = {"start": [], "peak": []}
             for group in groups:
+                group_rss["start"].append(current_rss_bytes())
+                group_peak = 0
                 hessians: dict[str, np.ndarray] = {}
                 if calibration is not None:  # this group's input statistics only (one decoding pass)
                     t0 = time.perf_counter()
                     hessians = calibration.collect({chosen[n][0] for n in group})
                     stats_s += time.perf_counter() - t0
+                    group_peak = peak_rss_bytes()
+                    phase("statistics replayed (per group)")
                 t0 = time.perf_counter()
                 last_use = {chosen[n][0]: n for n in group}  # q/k/v share an input: freed after the last of them
                 for node in group:
@@ -194,7 +201,8 @@ def quantize_bundle(cfg: QuantizeConfig, log: Callable[[str], None] = print) -> 
                         hessians.pop(act, None)
                 del hessians
                 trim_heap()  # the group's freed statistics and solve buffers leave the RSS
-                phase("statistics replayed, weights quantized and written (per group)")
+                group_rss["peak"].append(max(group_peak, peak_rss_bytes()))
+                phase("weights quantized and written (per group)")
                 quant_s += time.perf_counter() - t0
             if calibration is not None:
                 data = calibration.summary()
@@ -268,6 +276,7 @@ def quantize_bundle(cfg: QuantizeConfig, log: Callable[[str], None] = print) -> 
             # the process's peak RSS so far (quantize's own when it runs alone, as the CLI does) and its seconds
             "peak_rss_bytes": max([peak_rss_bytes(), *phases.values()]),
             "peak_rss_gb_by_step": {k: round(v / 1e9, 3) for k, v in phases.items()},
+            "rss_gb_by_group": {k: [round(v / 1e9, 3) for v in vals] for k, vals in group_rss.items()},
             "seconds": round(time.perf_counter() - start, 2),
             "baseline_rss_bytes": baseline_rss,  # RSS when quantize began: the floor of the peak
             # the files this step writes for the variant (both decoder forms; vision and embedding are fp32's)

@@ -40,3 +40,14 @@ def test_memory_extrapolation_takes_each_steps_own_slope():
     assert p["peak_rss_gb_at_32"] == 13.8 and p["peak_step_at_32"] == "growing"
     assert p["bound_gb_at_32"] == 10.4 and not p["meets_bound_at_32"]
     assert p["target_gb_at_32"] == 12.0 and not p["meets_target_at_32"]
+
+
+def test_in_run_group_drift_separates_what_a_layer_leaves_from_what_it_needs():
+    from benchmarks.quant_fullwidth import _group_drift
+    flat = _group_drift({"start": [0.16, 0.16, 0.17, 0.16], "peak": [4.4, 4.3, 4.5, 4.4]}, 4)
+    print(flat)
+    assert abs(flat["start_drift_gb_per_layer"]) < 0.01 and flat["largest_peak_above_start_gb"] == 4.33
+    assert flat["at_32"] == 4.5  # nothing left behind: the largest group's peak
+    leak = _group_drift({"start": [0.2, 0.6, 1.0, 1.4], "peak": [4.4, 4.8, 5.2, 5.6]}, 4)
+    assert leak["start_drift_gb_per_layer"] == 0.4 and leak["at_32"] == round(5.6 + 0.4 * 28, 3)
+    assert _group_drift(None, 4) is None and _group_drift({"start": [0.1], "peak": [1.0]}, 1) is None

@@ -83,17 +83,55 @@ def run_case(bundle: Path, coco: Path, case: str) -> dict[str, Any]:
     return variant_record(bundle, s["name"])
 
 
+# CPU features that pick onnxruntime's (MLAS) and OpenBLAS's kernels: the check and validation figures are float
+# results of those kernels, so they are exact only on a machine with the same features and library versions.
+ISA_FLAGS = ("avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "amx_tile")
+
+
+def environment() -> dict[str, Any]:
+    """What the figures' float kernels depend on: library versions and the CPU's instruction-set features."""
+    import numpy
+    import onnxruntime
+    import torch
+    flags: set[str] = set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                break
+    except OSError:
+        pass
+    return {"onnxruntime": onnxruntime.__version__, "numpy": numpy.__version__, "torch": torch.__version__,
+            "cpu_flags": sorted(flags & set(ISA_FLAGS))}
+
+
 def record(work: Path) -> dict[str, Any]:
     bundle, coco = prepare(work)
     return {"settings": IDENTITY_SETTINGS, "export": {**EXPORT, "precisions": list(EXPORT["precisions"])},
             "synthetic_coco": SYNTHETIC_COCO, "cases": {c: run_case(bundle, coco, c) for c in IDENTITY_SETTINGS}}
 
 
+def record_environment(work: Path, made_by: str) -> dict[str, Any]:
+    """The figures of this machine's environment, from the code at `made_by` (a commit whose weights match the
+    record's byte for byte): the exact reference for later code on a machine like this one."""
+    bundle, coco = prepare(work)
+    return {"environment": environment(), "made_by": made_by,
+            "figures": {c: run_case(bundle, coco, c)["figures"] for c in IDENTITY_SETTINGS}}
+
+
 if __name__ == "__main__":
+    # `python tests/calibration/quantize_identity.py` writes the record anew (only ever from the pre-streaming code);
+    # `... --environment COMMIT` adds this machine's figures, made by the code checked out (at COMMIT).
     import tempfile
     sys.path.insert(0, str(ROOT))
     with tempfile.TemporaryDirectory() as tmp:
-        out = record(Path(tmp))
+        if sys.argv[1:2] == ["--environment"]:
+            out = json.loads(RECORD.read_text())
+            entry = record_environment(Path(tmp), sys.argv[2])
+            out["figures_by_environment"] = [e for e in out.get("figures_by_environment", [])
+                                             if e["environment"] != entry["environment"]] + [entry]
+        else:
+            out = record(Path(tmp))
     staged = RECORD.with_suffix(".json.tmp")
     staged.write_text(json.dumps(out, indent=1, sort_keys=True) + "\n")
     staged.replace(RECORD)
