@@ -31,6 +31,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from benchmarks.bench import BenchConfig, benchmark
 from benchmarks.export_memory import write_checkpoint
 from benchmarks.recorded import recorded
@@ -153,17 +155,19 @@ def _per_layer(runs: dict[int, dict[str, Any]], lo: int, hi: int, method: str = 
 
 
 def _group_drift(groups: dict[str, list[float]] | None, layers: int) -> dict[str, Any] | None:
-    """The per-group step seen within one run: how much the RSS at a group's start drifts per layer (what a layer
-    leaves behind) and the largest peak above a group's start (what one layer needs while quantized). Unlike the
-    slope between two runs this does not take run-to-run noise of the peaks for growth."""
+    """The per-group step seen within one run: how the RSS at a group's start and the group's peak move from one
+    layer to the next (least squares over the groups; the last, lm_head's, only where it is one of two), and the
+    largest peak above a group's start (what one layer needs while quantized). The 32-layer value continues the
+    peaks' slope: a within-run trend, free of the run-to-run noise a slope between two runs picks up."""
     if not groups or len(groups["start"]) < 2:
         return None
     start, peak = groups["start"], groups["peak"]
     per_layer = (len(start) - 1) / max(1, layers - 1)  # groups per layer (hessian_layers)
-    drift = (start[-1] - start[0]) / (len(start) - 1) / per_layer if per_layer else 0.0
-    return {"start_drift_gb_per_layer": round(drift, 4),
+    fit = slice(None) if len(peak) < 3 else slice(0, -1)
+    slope = {k: float(np.polyfit(np.arange(len(v[fit])), v[fit], 1)[0]) / per_layer for k, v in groups.items()}
+    return {"start_drift_gb_per_layer": round(slope["start"], 4), "peak_slope_gb_per_layer": round(slope["peak"], 4),
             "largest_peak_above_start_gb": round(max(p - s for p, s in zip(peak, start)), 3),
-            f"at_{FULL_LAYERS}": round(max(peak) + max(0.0, drift) * (FULL_LAYERS - layers), 3)}
+            f"at_{FULL_LAYERS}": round(max(peak) + max(0.0, slope["peak"]) * (FULL_LAYERS - layers), 3)}
 
 
 def memory(a: argparse.Namespace) -> dict[str, Any]:

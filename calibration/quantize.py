@@ -31,7 +31,8 @@ from runtime.backends.onnxruntime import OrtRunner, session_options
 from runtime.decoding import Decoder
 from runtime.errors import InputError
 from runtime.manifest import GraphForm, GraphSpec, Manifest, Variant, load_manifest, sha256_file
-from runtime.memory import current_rss_bytes, peak_rss_bytes, peak_rss_context, reset_peak_rss, trim_heap
+from runtime.memory import (current_rss_bytes, no_heap_hugepages, peak_rss_bytes, peak_rss_context, reset_peak_rss,
+                            trim_heap)
 
 from .blockwise import BITS, BLOCK_SIZES, quantize_rtn
 from .calibrate import _diff, _int8_spec, _publish, weight_bytes
@@ -114,6 +115,11 @@ class QuantizeResult:
 
 
 def quantize_bundle(cfg: QuantizeConfig, log: Callable[[str], None] = print) -> QuantizeResult:
+    with no_heap_hugepages():  # issue #24: freed solve buffers must not stay resident as huge pages
+        return _quantize_bundle(cfg, log)
+
+
+def _quantize_bundle(cfg: QuantizeConfig, log: Callable[[str], None]) -> QuantizeResult:
     start = time.perf_counter()
     baseline_rss = current_rss_bytes()
     bundle = Path(cfg.bundle)

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import resource
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 
 def peak_rss_bytes() -> int:
@@ -58,3 +60,46 @@ def trim_heap() -> None:
         ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
         pass
+
+
+_M_MMAP_THRESHOLD = -3  # glibc mallopt parameter (malloc.h)
+HEAP_MMAP_THRESHOLD = 4 << 20
+
+
+@contextmanager
+def no_heap_hugepages() -> Iterator[None]:
+    """Keep freed large arrays from staying resident as transparent huge pages, for a long numeric step (quantize).
+
+    numpy advises MADV_HUGEPAGE on every array of 4 MB or more. glibc serves arrays under its mmap threshold —
+    which it raises to 32 MB after the first large free — from its heap, so those heap ranges become huge-page
+    ranges, and khugepaged (max_ptes_none 511) refills them as whole 2 MB pages while they are mostly free: the
+    process's peak grew ~0.4 GB per quantized 7B layer though every group started from the same RSS (issue #24).
+    Inside: numpy stops advising (restored after), and arrays of 4 MB or more are mmapped, so a freed one leaves
+    at once (glibc's threshold stays fixed for the process: mallopt cannot hand it back to the dynamic rule)."""
+    prev = _set_numpy_hugepage(False)
+    _mallopt(_M_MMAP_THRESHOLD, HEAP_MMAP_THRESHOLD)
+    try:
+        yield
+    finally:
+        if prev is not None:
+            _set_numpy_hugepage(prev)
+
+
+def _set_numpy_hugepage(enabled: bool) -> bool | None:
+    try:
+        from numpy._core.multiarray import _set_madvise_hugepage
+    except ImportError:  # numpy 1.x
+        try:
+            from numpy.core.multiarray import _set_madvise_hugepage
+        except ImportError:
+            return None
+    return bool(_set_madvise_hugepage(enabled))
+
+
+def _mallopt(param: int, value: int) -> bool:
+    import ctypes
+    import ctypes.util
+    try:
+        return bool(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt(param, value))
+    except (OSError, AttributeError):
+        return False

@@ -42,12 +42,17 @@ def test_memory_extrapolation_takes_each_steps_own_slope():
     assert p["target_gb_at_32"] == 12.0 and not p["meets_target_at_32"]
 
 
-def test_in_run_group_drift_separates_what_a_layer_leaves_from_what_it_needs():
+def test_in_run_group_trend_continues_the_peaks_not_the_starts():
     from benchmarks.quant_fullwidth import _group_drift
     flat = _group_drift({"start": [0.16, 0.16, 0.17, 0.16], "peak": [4.4, 4.3, 4.5, 4.4]}, 4)
     print(flat)
     assert abs(flat["start_drift_gb_per_layer"]) < 0.01 and flat["largest_peak_above_start_gb"] == 4.33
-    assert flat["at_32"] == 4.5  # nothing left behind: the largest group's peak
-    leak = _group_drift({"start": [0.2, 0.6, 1.0, 1.4], "peak": [4.4, 4.8, 5.2, 5.6]}, 4)
-    assert leak["start_drift_gb_per_layer"] == 0.4 and leak["at_32"] == round(5.6 + 0.4 * 28, 3)
+    assert flat["peak_slope_gb_per_layer"] == 0.05 and flat["at_32"] == round(4.5 + 0.05 * 28, 3)
+    # peaks growing while every group starts from the same RSS (issue #24's GPTQ at 4 layers): not flat
+    grows = _group_drift({"start": [0.125, 0.158, 0.159, 0.159], "peak": [4.369, 4.954, 5.399, 5.535]}, 4)
+    print(grows)
+    assert grows["start_drift_gb_per_layer"] < 0.02 and grows["peak_slope_gb_per_layer"] > 0.5
+    assert grows["at_32"] > 16
+    two = _group_drift({"start": [0.124, 0.157], "peak": [4.596, 4.999]}, 2)
+    assert two["peak_slope_gb_per_layer"] == 0.403
     assert _group_drift(None, 4) is None and _group_drift({"start": [0.1], "peak": [1.0]}, 1) is None

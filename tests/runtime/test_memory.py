@@ -34,3 +34,21 @@ def test_trim_heap_is_harmless():
     from runtime.memory import trim_heap
     trim_heap()  # glibc: returns free heap pages; elsewhere a no-op
     assert current_rss_bytes() >= 0
+
+
+def test_no_heap_hugepages_turns_numpys_advice_off_inside_and_restores_it():
+    pytest.importorskip("numpy._core.multiarray", reason="numpy 1.x: its hugepage switch lives elsewhere")
+    from numpy._core.multiarray import _get_madvise_hugepage, _set_madvise_hugepage
+
+    from runtime.memory import no_heap_hugepages
+    before = _get_madvise_hugepage()
+    _set_madvise_hugepage(True)
+    try:
+        with no_heap_hugepages():
+            assert _get_madvise_hugepage() is False
+        assert _get_madvise_hugepage() is True
+        with pytest.raises(RuntimeError), no_heap_hugepages():  # restored on an error too
+            raise RuntimeError("inside")
+        assert _get_madvise_hugepage() is True
+    finally:
+        _set_madvise_hugepage(before)
