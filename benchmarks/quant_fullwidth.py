@@ -195,7 +195,7 @@ def memory(a: argparse.Namespace) -> dict[str, Any]:
                 write_json(a.out, res)
             shutil.rmtree(bundle, ignore_errors=True)
         if len(a.layers) >= 2:
-            lo, hi = a.layers[:2]
+            lo, hi = sorted(a.layers[:2])  # `--layers 4 2` runs the larger first; the slope is from 2 to 4
             res["per_layer"] = {m: _per_layer({lo: res["runs"][str(lo)][m], hi: res["runs"][str(hi)][m]}, lo, hi, m)
                                 for m in a.methods}
             for m, p in res["per_layer"].items():
