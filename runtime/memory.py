@@ -1,6 +1,7 @@
 """This process's peak resident memory (Linux's VmHWM, resettable), for the export, quantize and bench reports."""
 from __future__ import annotations
 
+import functools
 import resource
 from contextlib import contextmanager
 from pathlib import Path
@@ -54,12 +55,18 @@ def peak_rss_context(peak_bytes: int, variant_bytes: int, baseline_bytes: int) -
 def trim_heap() -> None:
     """Hand the C heap's free pages back to the OS (glibc's malloc_trim; elsewhere a no-op). onnxruntime's freed
     session buffers otherwise stay in this process's RSS (quantize's peak RSS steps, issue #24)."""
-    import ctypes
-    import ctypes.util
     try:
-        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+        _libc().malloc_trim(0)
     except (OSError, AttributeError):
         pass
+
+
+@functools.lru_cache(maxsize=1)
+def _libc():
+    """The C library, loaded once (a CDLL per call also left a reference cycle behind for the GC each time)."""
+    import ctypes
+    import ctypes.util
+    return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
 
 
 _M_MMAP_THRESHOLD = -3  # glibc mallopt parameter (malloc.h)
@@ -97,9 +104,7 @@ def _set_numpy_hugepage(enabled: bool) -> bool | None:
 
 
 def _mallopt(param: int, value: int) -> bool:
-    import ctypes
-    import ctypes.util
     try:
-        return bool(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt(param, value))
+        return bool(_libc().mallopt(param, value))
     except (OSError, AttributeError):
         return False
